@@ -1,0 +1,163 @@
+"""Internal protocol messages (``<base>/_proto/...``) and their codec.
+
+Every message is one JSON object with a ``kind``; decoding validates it strictly against a discriminated union,
+so an unknown kind, a wrong type or an oversized payload is a :class:`~shared.errors.ProtocolError`, never a
+half-read dict.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter, ValidationError
+
+from shared.errors import ProtocolError
+from shared.models import Capabilities, Model, NodeId, Stamp, StoredObject
+
+MAX_PROTO_PAYLOAD = 64 * 1024 * 1024  # snapshots of large farms; API requests have their own, smaller bound
+
+
+class Entry(Model):
+    """A committed-to-be change from the arbiter: writes applied atomically, stamped ``(term, seq)``.
+
+    ``snapshot`` entries replace the whole state (the first entry of every term, and resyncs)."""
+
+    kind: Literal["entry"] = "entry"
+    farm: str
+    term: int
+    seq: int
+    commit: int  # highest committed seq of this term, as the arbiter knows it when sending
+    writes: list[StoredObject]
+    snapshot: bool = False
+
+    @property
+    def stamp(self) -> Stamp:
+        return (self.term, self.seq)
+
+
+class Heartbeat(Model):
+    kind: Literal["heartbeat"] = "heartbeat"
+    farm: str
+    term: int
+    arbiter: NodeId
+    seq: int  # last seq sent in this term
+    commit: int
+    serving: bool  # False while the new arbiter's takeover snapshot is not yet committed
+
+
+class VoteRequest(Model):
+    kind: Literal["vote_request"] = "vote_request"
+    farm: str
+    term: int
+    candidate: NodeId
+    last: Stamp  # the candidate's highest applied stamp: voters send back what is newer
+
+
+class VoteReply(Model):
+    kind: Literal["vote"] = "vote"
+    farm: str
+    term: int
+    voter: NodeId
+    candidate: NodeId
+    granted: bool
+    last: Stamp
+    objects: list[StoredObject] = []  # the voter's objects stamped after the candidate's ``last``
+
+
+class Ack(Model):
+    kind: Literal["ack"] = "ack"
+    node: NodeId
+    term: int
+    seq: int  # highest seq of ``term`` this node holds durably with no gap (cumulative)
+
+
+class SyncRequest(Model):
+    kind: Literal["sync"] = "sync"
+    node: NodeId
+    term: int
+    last: Stamp
+
+
+class Snapshot(Model):
+    kind: Literal["snapshot"] = "snapshot"
+    farm: str
+    term: int
+    seq: int
+    commit: int
+    objects: list[StoredObject]
+
+
+class Join(Model):
+    kind: Literal["join"] = "join"
+    node: NodeId
+    weight: int = 1
+    witness: bool = False
+
+
+class WorkRequest(Model):
+    kind: Literal["work"] = "work"
+    node: NodeId
+    capabilities: Capabilities
+    namespaces: list[str]  # in the order this printer serves them; empty = all
+
+
+class StartRequest(Model):
+    kind: Literal["start"] = "start"
+    node: NodeId
+    namespace: str
+    job: str
+    copy_index: int
+    grant: Stamp
+
+
+class Outcome(enum.StrEnum):
+    DONE = "done"
+    FAILED = "failed"  # give up on this copy
+    REQUEUE = "requeue"  # the print did not complete; return the copy to the queue
+
+
+class FinishReport(Model):
+    kind: Literal["finish"] = "finish"
+    node: NodeId
+    namespace: str
+    job: str
+    copy_index: int
+    grant: Stamp
+    outcome: Outcome
+    reason: str | None = None
+
+
+class Release(Model):
+    """A node gives back a claimed copy it has not started (e.g. file unavailable, material mismatch)."""
+
+    kind: Literal["release"] = "release"
+    node: NodeId
+    namespace: str
+    job: str
+    copy_index: int
+    grant: Stamp
+    reason: str
+
+
+ProtoMessage = Annotated[
+    Entry | Heartbeat | VoteRequest | VoteReply | Ack | SyncRequest | Snapshot | Join | WorkRequest
+    | StartRequest | FinishReport | Release,
+    Field(discriminator="kind"),
+]
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(ProtoMessage)
+
+
+def encode(msg: Model) -> bytes:
+    return msg.model_dump_json().encode()
+
+
+def decode(payload: bytes, max_size: int = MAX_PROTO_PAYLOAD) -> Any:
+    """Decode and validate one protocol message; raise ProtocolError on anything malformed."""
+    if len(payload) > max_size:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {max_size}")
+    try:
+        # Strict models validated from JSON still accept arrays for tuples (stamps).
+        return _ADAPTER.validate_json(payload)
+    except (ValueError, ValidationError) as exc:
+        raise ProtocolError(f"invalid protocol message: {str(exc)[:300]}") from exc

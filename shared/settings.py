@@ -1,0 +1,122 @@
+"""The one settings object of a node, validated once and passed down.
+
+Sources, later ones winning: defaults, a TOML file, environment variables (``NETQ_<SECTION>__<KEY>``), flags.
+Reading the file and the environment happens in :mod:`node.config`; this module only validates.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.models import ID_RE, Material, NAMESPACE_RE
+
+
+class SafetyMode(enum.StrEnum):
+    QUORUM = "quorum"
+    AVAILABLE = "available"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FarmSettings(Section):
+    key: str | None = None  # farm key; None: an open farm (said loudly at start-up)
+    safety: SafetyMode = SafetyMode.QUORUM
+    base_topic: str = "netq"
+
+
+class BrokerSettings(Section):
+    url: str | None = None  # mqtt://host:port of an existing broker: skips choosing a broker host
+    priority: Annotated[int, Field(ge=0, le=100)] = 10  # 0: never host the broker
+    bind: str = "0.0.0.0"  # address the embedded broker listens on
+    advertise: str | None = None  # address advertised to other nodes; default: bind (or the first interface)
+    port: Annotated[int, Field(ge=0, le=65535)] = 1883
+    interfaces: list[str] = []  # zeroconf interfaces (addresses); empty: all
+    max_payload: int = 1024 * 1024  # bound on one MQTT publish we accept for the API
+
+
+class TimingSettings(Section):
+    heartbeat_s: Annotated[float, Field(gt=0)] = 0.25
+    election_timeout_s: Annotated[float, Field(gt=0)] = 1.0  # randomised up to twice this; host gets the least
+    lease_s: Annotated[float, Field(gt=0)] = 30.0
+    lock_delay_s: Annotated[float, Field(ge=0)] = 2.0
+    node_timeout_s: Annotated[float, Field(gt=0)] = 3.0  # a member silent this long is gone
+    work_retry_s: Annotated[float, Field(gt=0)] = 2.0
+
+    @model_validator(mode="after")
+    def _ordering(self) -> TimingSettings:
+        if self.election_timeout_s < 3 * self.heartbeat_s:
+            raise ValueError("timing.election_timeout_s must be at least 3 × timing.heartbeat_s")
+        if self.lease_s <= 3 * self.heartbeat_s:
+            raise ValueError("timing.lease_s must be more than 3 × timing.heartbeat_s")
+        if self.node_timeout_s < 2 * self.heartbeat_s:
+            raise ValueError("timing.node_timeout_s must be at least 2 × timing.heartbeat_s")
+        return self
+
+
+class PrinterSettings(Section):
+    driver: Literal["simulated", "octoprint", "none"] = "simulated"
+    name: str | None = None
+    # OctoPrint
+    url: str | None = None
+    api_key: str | None = None
+    port: str = "AUTO"
+    # simulated
+    time_scale: Annotated[float, Field(gt=0)] = 1.0
+    default_duration_s: Annotated[float, Field(gt=0)] = 60.0
+    journal: Path | None = None  # simulated: append-only record of every start call
+    # capabilities
+    profile: str | None = None
+    model: str | None = None
+    nozzle_mm: float | None = 0.4
+    bed_mm: tuple[float, float, float] | None = None
+    materials: list[Material | None] = []
+    tags: list[str] = []
+    self_clearing: bool = True
+    clear_script: list[str] = []  # G-code sent to clear the bed; empty + not self clearing: operator confirms
+
+    @model_validator(mode="after")
+    def _octoprint_needs_url(self) -> PrinterSettings:
+        if self.driver == "octoprint" and (not self.url or not self.api_key):
+            raise ValueError("printer.url and printer.api_key are required with printer.driver = 'octoprint'")
+        return self
+
+
+class WorkerSettings(Section):
+    namespaces: list[Annotated[str, Field(pattern=NAMESPACE_RE)]] = []  # in priority order; empty = all
+    accept_jobs: bool = True
+
+
+class FilesSettings(Section):
+    bind: str = "0.0.0.0"
+    advertise: str | None = None
+    port: Annotated[int, Field(ge=0, le=65535)] = 0
+
+
+class HomeAssistantSettings(Section):
+    enabled: bool = True
+    prefix: str = "homeassistant"
+
+
+class Settings(Section):
+    node_id: Annotated[str, Field(pattern=ID_RE)]
+    data_dir: Path
+    witness: bool = False  # a printer-less member that only votes
+    farm: FarmSettings = FarmSettings()
+    broker: BrokerSettings = BrokerSettings()
+    timing: TimingSettings = TimingSettings()
+    printer: PrinterSettings = PrinterSettings()
+    worker: WorkerSettings = WorkerSettings()
+    files: FilesSettings = FilesSettings()
+    homeassistant: HomeAssistantSettings = HomeAssistantSettings()
+
+    @model_validator(mode="after")
+    def _witness_has_no_printer(self) -> Settings:
+        if self.witness and self.printer.driver != "none":
+            self.printer = self.printer.model_copy(update={"driver": "none"})
+        return self

@@ -1,0 +1,115 @@
+"""The replicated farm state as a pure value: objects with stamps, and the rules that read and merge them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from shared.models import (
+    Job,
+    Member,
+    QueueSettings,
+    Stamp,
+    StoredObject,
+    ZERO_STAMP,
+)
+
+
+class FarmState:
+    """Objects by key, plus parsed caches. Mutated only through :meth:`apply` / :meth:`replace`."""
+
+    def __init__(self, objects: Iterable[StoredObject] = ()) -> None:
+        self.objects: dict[str, StoredObject] = {}
+        self._jobs: dict[str, Job] = {}
+        self.replace(objects)
+
+    # --- mutation ----------------------------------------------------------------------------------------
+    def replace(self, objects: Iterable[StoredObject]) -> None:
+        self.objects = {}
+        self._jobs = {}
+        self.apply(objects)
+
+    def apply(self, writes: Iterable[StoredObject]) -> None:
+        for obj in writes:
+            self.objects[obj.key] = obj
+            if obj.key.startswith("job/"):
+                if obj.value is None:
+                    self._jobs.pop(obj.key, None)
+                else:
+                    self._jobs[obj.key] = Job.model_validate(obj.value, strict=False)
+
+    # --- reads -------------------------------------------------------------------------------------------
+    def get(self, key: str) -> dict[str, Any] | None:
+        obj = self.objects.get(key)
+        return None if obj is None else obj.value
+
+    def job(self, key: str) -> Job | None:
+        return self._jobs.get(key)
+
+    def jobs(self, namespace: str | None = None) -> list[Job]:
+        """Live jobs, in queue order (namespace, then rank, then creation)."""
+        jobs = [j for j in self._jobs.values() if namespace is None or j.namespace == namespace]
+        jobs.sort(key=lambda j: (j.namespace, j.rank, j.created, j.id))
+        return jobs
+
+    def namespaces(self) -> list[str]:
+        return sorted({j.namespace for j in self._jobs.values()})
+
+    def members(self) -> dict[str, Member]:
+        out: dict[str, Member] = {}
+        for key, obj in self.objects.items():
+            if key.startswith("member/") and obj.value is not None:
+                m = Member.model_validate(obj.value, strict=False)
+                out[m.node_id] = m
+        return out
+
+    def queue(self, namespace: str) -> QueueSettings:
+        raw = self.get(f"queue/{namespace}")
+        if raw is None:
+            return QueueSettings(namespace=namespace)
+        return QueueSettings.model_validate(raw, strict=False)
+
+    def meta(self, name: str) -> dict[str, Any] | None:
+        return self.get(f"meta/{name}")
+
+    def last_stamp(self) -> Stamp:
+        return max((o.stamp for o in self.objects.values()), default=ZERO_STAMP)
+
+    def newer_than(self, stamp: Stamp) -> list[StoredObject]:
+        return [o for o in self.objects.values() if o.stamp > stamp]
+
+
+def merge_newest(*sources: Iterable[StoredObject]) -> dict[str, StoredObject]:
+    """Keep, for every key, the object with the highest stamp (stamps are unique: one arbiter per term)."""
+    out: dict[str, StoredObject] = {}
+    for source in sources:
+        for obj in source:
+            have = out.get(obj.key)
+            if have is None or obj.stamp > have.stamp:
+                out[obj.key] = obj
+    return out
+
+
+def quorum_weight(members: Mapping[str, Member]) -> int:
+    """Weight needed for a quorum: a strict majority of the enrolled weight (a one-node farm needs itself)."""
+    total = sum(m.weight for m in members.values())
+    return total // 2 + 1
+
+
+def has_quorum(voters: Iterable[str], members: Mapping[str, Member]) -> bool:
+    weight = sum(members[v].weight for v in set(voters) if v in members)
+    return weight >= quorum_weight(members)
+
+
+def committed_seq(acked: Mapping[str, int], members: Mapping[str, Member]) -> int:
+    """Highest seq held by members of quorum weight, given each member's cumulative ack."""
+    need = quorum_weight(members)
+    weight = 0
+    for node, seq in sorted(acked.items(), key=lambda kv: kv[1], reverse=True):
+        member = members.get(node)
+        if member is None:
+            continue
+        weight += member.weight
+        if weight >= need:
+            return seq
+    return 0
