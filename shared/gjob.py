@@ -73,6 +73,10 @@ def _check_metadata(value: JsonValue) -> JsonValue:
     return value
 
 
+def _any_material(value: tuple[str | None, ...]) -> tuple[str | None, ...]:
+    return tuple(m or None for m in value)
+
+
 ArchivePath = Annotated[str, AfterValidator(check_archive_path)]
 Key = Annotated[str, Field(max_length=128)]
 Metadata = Annotated[JsonValue, AfterValidator(_check_metadata)]
@@ -81,12 +85,17 @@ Metadata = Annotated[JsonValue, AfterValidator(_check_metadata)]
 class GjobSet(BaseModel):
     """One set: a G-code file printed ``count`` times per job copy, with per-tool materials."""
 
-    model_config = ConfigDict(strict=True, frozen=True, extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(
+        strict=True, frozen=True, extra="ignore", validate_by_name=True, validate_by_alias=True
+    )
 
     path: ArchivePath
     count: int = Field(ge=0, le=100_000)
-    materials: tuple[Key | None, ...] = Field(default=(), max_length=32)
-    profiles: tuple[Key, ...] = Field(default=(), max_length=64)
+    # ``None`` and ``""`` both mean "any material" for that tool; kept as None.
+    materials: Annotated[tuple[Key | None, ...], AfterValidator(_any_material)] = Field(
+        default=(), max_length=32, strict=False
+    )
+    profiles: tuple[Key, ...] = Field(default=(), max_length=64, strict=False)
     estimated_print_time: float | None = Field(default=None, alias="estimatedPrintTime", ge=0)
     metadata: Metadata | None = None
 
@@ -98,7 +107,7 @@ class Manifest(BaseModel):
 
     name: str = Field(default="", max_length=256)
     count: int = Field(default=1, ge=0, le=100_000)
-    sets: tuple[GjobSet, ...] = Field(min_length=1, max_length=256)
+    sets: tuple[GjobSet, ...] = Field(min_length=1, max_length=256, strict=False)
     created: int | None = Field(default=None, ge=0)
     metadata: Metadata | None = None
     version: str | None = Field(default=None, max_length=64)
@@ -146,7 +155,9 @@ class MaterialKey:
     def parse(cls, key: str) -> MaterialKey:
         parts = key.split("_")
         colour = parts[2] if len(parts) > 2 and parts[2] else None
-        return cls(type=parts[0], colour_name=parts[1] if len(parts) > 1 and parts[1] else None, colour=colour)
+        return cls(
+            type=parts[0], colour_name=parts[1] if len(parts) > 1 and parts[1] else None, colour=colour
+        )
 
 
 class GjobLimits(BaseModel):
@@ -166,7 +177,15 @@ class GjobLimits(BaseModel):
 
 DEFAULT_LIMITS = GjobLimits()
 _ALLOWED_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
-_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError, ValueError)
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    OSError,
+    RuntimeError,
+    NotImplementedError,
+    ValueError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,9 +238,7 @@ def read_gjob(
                 if verify:
                     for _ in _stream_entry(zf, info, limits, MiB):
                         pass
-                files[s.path] = GjobFile(
-                    s.path, info.file_size, info.compress_size, info.CRC, src, limits
-                )
+                files[s.path] = GjobFile(s.path, info.file_size, info.compress_size, info.CRC, src, limits)
     return manifest, files
 
 
@@ -252,7 +269,7 @@ def write_gjob(
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = (stat.S_IFREG | 0o644) << 16
             content = files[path]
-            with zf.open(info, "w", force_zip64=True) as out:
+            with zf.open(info, "w") as out:
                 if isinstance(content, bytes):
                     out.write(content)
                 else:
@@ -282,7 +299,7 @@ class _open_zip:
             if isinstance(self._source, bytes):
                 self._fp = io.BytesIO(self._source)
             else:
-                self._fp = open(self._source, "rb")  # noqa: SIM115 - closed in __exit__
+                self._fp = open(self._source, "rb")
             size = self._fp.seek(0, io.SEEK_END)
             if size > self._limits.max_archive_bytes:
                 raise ArchiveError(f"archive is {size} bytes, more than {self._limits.max_archive_bytes}")

@@ -149,9 +149,13 @@ class NodeState(BaseModel):
 
     node_id: str
     state: str  # "online" | "offline"
+    farm: str | None = None  # id of the farm this node belongs to (None: not yet enrolled anywhere)
+    arbiter: bool = False
+    broker_host: bool = False
     worker: WorkerState = WorkerState.OFFLINE
     printer: str | None = None
     reason: str | None = None
+    namespace: str | None = None
     job: str | None = None
     copy_index: int | None = None
     progress: float | None = None

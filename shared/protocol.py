@@ -52,6 +52,7 @@ class VoteRequest(Model):
     term: int
     candidate: NodeId
     last: Stamp  # the candidate's highest applied stamp: voters send back what is newer
+    pre: bool = False  # a pre-vote: "would you vote for me?" (changes no state)
 
 
 class VoteReply(Model):
@@ -62,7 +63,9 @@ class VoteReply(Model):
     candidate: NodeId
     granted: bool
     last: Stamp
+    base: Stamp = (0, 0)  # stamp of the voter's last snapshot: every live object it holds is stamped >= base
     objects: list[StoredObject] = []  # the voter's objects stamped after the candidate's ``last``
+    pre: bool = False
 
 
 class Ack(Model):

@@ -79,11 +79,20 @@ class FarmState:
         return [o for o in self.objects.values() if o.stamp > stamp]
 
 
-def merge_newest(*sources: Iterable[StoredObject]) -> dict[str, StoredObject]:
-    """Keep, for every key, the object with the highest stamp (stamps are unique: one arbiter per term)."""
+def merge_newest(sources: Iterable[tuple[Stamp, Iterable[StoredObject]]]) -> dict[str, StoredObject]:
+    """Merge replicas read from a quorum: for every key keep the object with the highest stamp.
+
+    Each source comes with its *base*: the stamp of the snapshot it was last rebuilt from. A snapshot holds every
+    live object re-stamped at its base, so an object stamped below the highest base seen is superseded (by its
+    re-stamped self or by its deletion) and is dropped. Stamps are unique: one arbiter per term.
+    """
+    sources = list(sources)
+    floor = max((base for base, _ in sources), default=ZERO_STAMP)
     out: dict[str, StoredObject] = {}
-    for source in sources:
-        for obj in source:
+    for _, objects in sources:
+        for obj in objects:
+            if obj.stamp < floor:
+                continue
             have = out.get(obj.key)
             if have is None or obj.stamp > have.stamp:
                 out[obj.key] = obj

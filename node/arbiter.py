@@ -1,0 +1,390 @@
+"""The arbiter's services: the API requests, grants, starts and finishes, leases, members coming and going.
+
+They run on every node but act only while :class:`node.consensus.Consensus` says this node is the serving
+arbiter. Every change goes through ``consensus.propose`` and is answered, announced and published to the
+retained view only once it is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from node.consensus import Consensus, NotCommitted, Role
+from node.link.base import Link, Message
+from shared import api, claims
+from shared import protocol as P
+from shared.errors import RequestError
+from shared.models import CopyState, Member, job_key, member_key, txn_key
+from shared.settings import Settings
+from shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+TXN_TTL_S = 24 * 3600.0
+Write = tuple[str, dict[str, Any] | None]
+
+
+class ArbiterServices:
+    def __init__(
+        self,
+        settings: Settings,
+        consensus: Consensus,
+        link: Link,
+        choose: claims.Chooser,
+        nodes: Callable[[], dict[str, dict[str, Any]]],
+        clock: Callable[[], float],
+        wall: Callable[[], float],
+    ) -> None:
+        self.settings = settings
+        self.c = consensus
+        self.link = link
+        self.topics = Topics(settings.farm.base_topic)
+        self.choose = choose
+        self.nodes = nodes
+        self.clock = clock  # monotonic: leases and liveness
+        self.wall = wall  # wall clock: timestamps people read
+        self.waiting: dict[str, P.WorkRequest] = {}
+        self.leases: dict[tuple[str, str, int], float] = {}
+        self.gone: set[str] = set()
+        self.serving_since: float | None = None
+        self.member_change_pending = False
+        self._last_gc = 0.0
+        self._task: asyncio.Task[None] | None = None
+        consensus.to_arbiter_handlers.append(self._on_message)
+        consensus.on_role.append(self._on_role)
+        consensus.listeners.append(self._on_change)
+
+    async def start(self) -> None:
+        self.link.subscribe(self.topics.request_filter, self._on_request)
+        self.link.on_connection(self._on_connection)
+        self._task = asyncio.create_task(self._ticker(), name=f"arbiter-{self.settings.node_id}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    @property
+    def active(self) -> bool:
+        return self.c.role == Role.ARBITER and self.c.serving
+
+    # --- role changes ------------------------------------------------------------------------------------
+    def _on_role(self, role: Role) -> None:
+        if role != Role.ARBITER:
+            self.waiting.clear()
+            self.leases.clear()
+            self.gone.clear()
+            self.serving_since = None
+            self.member_change_pending = False
+
+    def _on_change(self) -> None:
+        if self.c.role == Role.ARBITER and self.c.serving and self.serving_since is None:
+            self._begin_serving()
+
+    def _begin_serving(self) -> None:
+        now = self.clock()
+        self.serving_since = now
+        # A new arbiter restarts every lease at takeover: its clock says nothing about the old one's.
+        deadline = now + self.settings.timing.lease_s + self.settings.timing.lock_delay_s
+        for job in self.c.state.jobs():
+            for copy in job.copies:
+                if copy.state == CopyState.CLAIMED:
+                    self.leases[(job.namespace, job.id, copy.index)] = deadline
+        self.publish_view()
+        self._dispatch()
+
+    def _on_connection(self, connected: bool) -> None:
+        if connected and self.active:
+            self.publish_view()  # the broker may be a new one, with no retained messages
+
+    # --- the retained view -------------------------------------------------------------------------------
+    def publish_view(self) -> None:
+        """Publish the whole retained view: bridge state and info, and every job."""
+        self._publish_bridge()
+        for job in self.c.state.jobs():
+            self._publish_job(job.namespace, job.id)
+
+    def _publish_bridge(self) -> None:
+        info = self.info()
+        self.link.publish(self.topics.bridge_state, json.dumps(
+            {"state": "online", "arbiter": self.c.node_id, "term": self.c.term}).encode(), retain=True)
+        self.link.publish(self.topics.bridge_info, json.dumps(info).encode(), retain=True)
+
+    def _publish_job(self, namespace: str, job_id: str) -> None:
+        key = job_key(namespace, job_id)
+        obj = self.c.state.objects.get(key)
+        topic = self.topics.job(namespace, job_id)
+        job = self.c.state.job(key)
+        if obj is None or job is None:
+            self.link.publish(topic, b"", retain=True)  # clears the retained message (MQTT 3.1.1 §3.3.1.3)
+            return
+        view = api.job_view(job)
+        view["stamp"] = list(obj.stamp)
+        self.link.publish(topic, json.dumps(view).encode(), retain=True)
+
+    def _publish_writes(self, writes: list[Write]) -> None:
+        for key, _ in writes:
+            if key.startswith("job/"):
+                _, ns, job_id = key.split("/", 2)
+                self._publish_job(ns, job_id)
+            elif key.startswith("member/") or key.startswith("queue/"):
+                self._publish_bridge()
+
+    def _events(self, events: list[dict[str, Any]]) -> None:
+        for ev in events:
+            ev = {**ev, "ts": self.wall(), "term": self.c.term}
+            self.link.publish(self.topics.events, json.dumps(ev).encode(), qos=1)
+
+    def info(self) -> dict[str, Any]:
+        members = self.c.members
+        printers = [m for m in members.values() if not m.witness]
+        safety = self.settings.farm.safety.value
+        warning = None
+        if len(printers) == 2 and len(members) == 2:
+            warning = ("two printers and no witness cannot keep a quorum when either is gone: add a "
+                       "printer-less witness (`netq run --witness`) on any always-on machine")
+        return {
+            "farm": self.c.farm, "arbiter": self.c.node_id, "term": self.c.term, "commit": self.c.commit[1],
+            "members": sorted(members), "safety": safety, "namespaces": self.c.state.namespaces(),
+            "warning": warning, "version": _version(),
+        }
+
+    # --- commits -----------------------------------------------------------------------------------------
+    def _commit(self, writes: list[Write], events: list[dict[str, Any]],
+                then: Callable[[BaseException | None], None] | None = None) -> None:
+        fut = self.c.propose(writes)
+
+        def done(f: asyncio.Future[None]) -> None:
+            exc = f.exception()
+            if exc is None:
+                self._publish_writes(writes)
+                self._events(events)
+            if then is not None:
+                then(exc)
+            if exc is None:
+                self._dispatch()
+
+        fut.add_done_callback(done)
+
+    # --- API requests ------------------------------------------------------------------------------------
+    def _respond(self, path: str, status: str, data: dict[str, Any], txn: str | None,
+                 error: str | None = None) -> None:
+        self.link.publish(self.topics.response(path), api.response(status, data, txn, error), qos=1)
+
+    def _on_request(self, msg: Message) -> None:
+        path = self.topics.request_path(msg.topic)
+        if path is None or msg.retain or not self.active:
+            return
+        txn = _peek_transaction(msg.payload)
+        try:
+            body, txn = api.parse_envelope(path, msg.payload)
+            if path in api.READING:
+                ctx = self._context()
+                self._respond(path, "ok", api.READING[path](self.c.state, body, ctx).data, txn)
+                return
+            handler = api.MUTATING.get(path)
+            if handler is None:
+                raise RequestError(f"unknown request {path!r}; known: "
+                                   + ", ".join(sorted([*api.MUTATING, *api.READING, "node/retire"])))
+            if txn is not None:
+                stored = self.c.state.get(txn_key(txn))
+                if stored is not None and stored.get("path") == path:
+                    self._respond(path, "ok", stored["data"], txn)  # a retry: applied once already
+                    return
+            outcome = handler(self.c.state, body, self._context())
+        except RequestError as exc:
+            self._respond(path, "error", {}, txn, str(exc))
+            return
+        writes = list(outcome.writes)
+        if txn is not None:
+            writes.append((txn_key(txn), {"path": path, "data": outcome.data, "ts": self.wall()}))
+
+        def answer(exc: BaseException | None) -> None:
+            if exc is None:
+                self._respond(path, "ok", outcome.data, txn)
+            else:
+                self._respond(path, "error", {}, txn, f"not committed ({exc}); retry with the same transaction")
+
+        self._commit(writes, outcome.events, answer)
+
+    def _context(self) -> api.Context:
+        return api.Context(now=self.wall(), new_id=lambda: uuid.uuid4().hex[:12], nodes=self.nodes(),
+                           info=self.info())
+
+    # --- members' protocol messages ----------------------------------------------------------------------
+    def _on_message(self, m: Any) -> None:
+        if not self.active:
+            return
+        node = getattr(m, "node", None)
+        if node in self.gone:
+            self.gone.discard(node)
+            log.info("%s is back", node)
+        try:
+            if isinstance(m, P.WorkRequest):
+                self.waiting[m.node] = m
+                self._dispatch()
+            elif isinstance(m, P.StartRequest):
+                ch = claims.start(self.c.state, m.node, m.namespace, m.job, m.copy_index, m.grant, self.wall())
+                self.leases.pop((m.namespace, m.job, m.copy_index), None)
+                self._commit(ch.writes, ch.events)
+            elif isinstance(m, P.FinishReport):
+                ch = claims.finish(self.c.state, m.node, m.namespace, m.job, m.copy_index, m.grant,
+                                   m.outcome.value, m.reason, self.wall())
+                self._commit(ch.writes, ch.events)
+            elif isinstance(m, P.Release):
+                ch = claims.release(self.c.state, m.node, m.namespace, m.job, m.copy_index, m.grant, m.reason)
+                self.leases.pop((m.namespace, m.job, m.copy_index), None)
+                self._commit(ch.writes, ch.events)
+            elif isinstance(m, P.Join):
+                self._join(m)
+        except RequestError as exc:
+            log.info("refused %s from %s: %s", m.kind, node, exc)
+
+    def _join(self, m: P.Join) -> None:
+        """Enroll a member: one membership change at a time, so consecutive quorums overlap."""
+        if m.node in self.c.members or self.member_change_pending:
+            return
+        self.member_change_pending = True
+        member = Member(node_id=m.node, weight=max(0, min(m.weight, 10)), witness=m.witness,
+                        enrolled_at=self.wall())
+
+        def settled(exc: BaseException | None) -> None:
+            self.member_change_pending = False
+
+        self._commit([(member_key(m.node), member.model_dump(mode="json"))],
+                     [{"event": "enrolled", "node": m.node, "witness": m.witness}], settled)
+
+    # --- grants ------------------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        if not self.active:
+            return
+        members = self.c.members
+        for node, req in list(self.waiting.items()):
+            member = members.get(node)
+            if member is None or member.witness or node in self.gone:
+                continue
+            queue_ok = [ns for ns in req.namespaces] if req.namespaces else []
+            result = claims.grant(self.c.state, node, req.capabilities, queue_ok, self.wall(),
+                                  self.c.next_stamp(), self.choose)
+            if result is None:
+                continue
+            change, pick = result
+            self.waiting.pop(node, None)
+            key = (pick.namespace, pick.job, pick.copy_index)
+
+            def granted(exc: BaseException | None, key: tuple[str, str, int] = key) -> None:
+                if exc is None:
+                    # The lease runs on our monotonic clock from the commit of the grant.
+                    self.leases[key] = self.clock() + self.settings.timing.lease_s
+
+            self._commit(change.writes, change.events, granted)
+
+    # --- timers ------------------------------------------------------------------------------------------
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.timing.heartbeat_s)
+            if not self.active:
+                continue
+            try:
+                self.tick(self.clock())
+            except Exception:
+                log.exception("arbiter tick failed")
+
+    def tick(self, now: float) -> None:
+        self._expire_leases(now)
+        self._check_nodes(now)
+        if now - self._last_gc > 60.0:
+            self._last_gc = now
+            self._collect_transactions()
+
+    def _expire_leases(self, now: float) -> None:
+        lock_delay = self.settings.timing.lock_delay_s
+        for key, deadline in list(self.leases.items()):
+            if now < deadline + lock_delay:
+                continue
+            self.leases.pop(key)
+            ns, job_id, index = key
+            job = self.c.state.job(job_key(ns, job_id))
+            if job is None or job.copies[index].state != CopyState.CLAIMED:
+                continue
+            copy = job.copies[index]
+            assert copy.node is not None and copy.grant is not None
+            ch = claims.release(self.c.state, copy.node, ns, job_id, index, copy.grant, "lease expired")
+            self._commit(ch.writes, ch.events)
+
+    def _check_nodes(self, now: float) -> None:
+        leader = self.c.leader
+        if leader is None or self.serving_since is None:
+            return
+        timeout = self.settings.timing.node_timeout_s
+        if now - self.serving_since < timeout:
+            return  # give every member a chance to be heard by the new arbiter
+        states = self.nodes()
+        for node in self.c.members:
+            if node == self.c.node_id or node in self.gone:
+                continue
+            heard = leader.last_heard.get(node, self.serving_since)
+            offline = states.get(node, {}).get("state") == "offline"
+            if offline or now - heard > timeout:
+                self._node_gone(node)
+        for node, st in states.items():
+            if node in self.gone or st.get("state") != "online" or st.get("job") is None:
+                continue
+            # A node that is back and says what its printer is doing settles its orphaned copy.
+            where = (str(st.get("namespace") or ""), str(st["job"]), st.get("copy_index"))
+            job = self.c.state.job(job_key(where[0], where[1]))
+            index = where[2]
+            if job is None or not isinstance(index, int) or index >= len(job.copies):
+                continue
+            copy = job.copies[index]
+            if copy.state == CopyState.ORPHANED and copy.node == node:
+                ch = claims.node_back(self.c.state, node, (where[0], where[1], index))
+                self._commit(ch.writes, ch.events)
+
+    def _node_gone(self, node: str) -> None:
+        self.gone.add(node)
+        self.waiting.pop(node, None)
+        log.info("%s is gone", node)
+        ch = claims.node_gone(self.c.state, node, self.wall())
+        for key, _ in ch.writes:
+            _, ns, job_id = key.split("/", 2)
+            for k in [k for k in self.leases if k[0] == ns and k[1] == job_id]:
+                self.leases.pop(k, None)
+        if ch.writes:
+            self._commit(ch.writes, ch.events)
+
+    def _collect_transactions(self) -> None:
+        """Idempotency records are kept for a day, then dropped."""
+        cutoff = self.wall() - TXN_TTL_S
+        old = [k for k, o in self.c.state.objects.items()
+               if k.startswith("txn/") and o.value is not None and o.value.get("ts", 0) < cutoff]
+        if old:
+            self._commit([(k, None) for k in old[:500]], [])
+
+
+def _peek_transaction(payload: bytes) -> str | None:
+    """The transaction of a payload we may not be able to parse, to echo it in the error response."""
+    try:
+        raw = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    txn = raw.get("transaction") if isinstance(raw, dict) else None
+    return txn if isinstance(txn, str) and len(txn) <= 100 else None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("netqueues")
+    except PackageNotFoundError:
+        return "0+unknown"

@@ -1,0 +1,584 @@
+"""Replication and election over MQTT: terms, persisted votes, an ordered log, quorum commit, takeover.
+
+One :class:`Consensus` per node. As a *member* it stores the arbiter's entries durably in order, acknowledges the
+highest seq it holds without a gap, asks for a snapshot when it sees one, and votes at most once per term (the
+vote written to SQLite before it is sent). When it hears no heartbeat for its election timeout it stands as a
+candidate; with votes of quorum weight it becomes the arbiter: it merges the newer objects its voters sent
+(a quorum read), re-stamps everything with its own term, sends that as the term's first entry, and serves only
+once that entry is committed. The arbiter's services (requests, claims, leases) live in :mod:`node.arbiter`
+and change state only through :meth:`Consensus.propose`.
+
+See docs/protocol.md for the argument of why this keeps every committed change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from node.link.base import Link, Message
+from node.replica import Replica
+from shared import protocol as P
+from shared.errors import ProtocolError
+from shared.models import Member, Stamp, StoredObject, ZERO_STAMP, member_key
+from shared.settings import Settings
+from shared.state import FarmState, committed_seq, has_quorum, merge_newest
+from shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+SYNC_RETRY_S = 0.5
+
+
+class Role(enum.StrEnum):
+    FOLLOWER = "follower"
+    CANDIDATE = "candidate"
+    ARBITER = "arbiter"
+
+
+@dataclass
+class Proposal:
+    seq: int
+    future: asyncio.Future[None]
+
+
+@dataclass
+class Leadership:
+    """What only the arbiter of a term keeps."""
+
+    term: int
+    next_seq: int = 1
+    acked: dict[str, int] = field(default_factory=dict)
+    last_heard: dict[str, float] = field(default_factory=dict)
+    commit: int = 0
+    proposals: list[Proposal] = field(default_factory=list)
+    serving: bool = False
+    quorum_lost_since: float | None = None
+
+
+class Consensus:
+    def __init__(
+        self,
+        settings: Settings,
+        link: Link,
+        replica: Replica,
+        *,
+        is_broker_host: Callable[[], bool] = lambda: False,
+        may_bootstrap: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id
+        self.link = link
+        self.replica = replica
+        self.topics = Topics(settings.farm.base_topic)
+        self.is_broker_host = is_broker_host
+        self.may_bootstrap = may_bootstrap
+        self._clock = clock or (lambda: asyncio.get_running_loop().time())
+        self._rng = rng or random.Random()
+
+        self.state = FarmState(replica.load())
+        self.farm: str | None = replica.get_meta("farm")
+        self.term = replica.term
+        self.applied: Stamp = replica.applied
+        self.base: Stamp = tuple(replica.get_meta("base", [0, 0]))  # type: ignore[assignment]
+        self.commit: Stamp = ZERO_STAMP  # (term, seq) known committed; only meaningful for our applied term
+        self.role = Role.FOLLOWER
+        self.arbiter: str | None = None
+        self.arbiter_serving = False
+        self.leader: Leadership | None = None
+        self._buffer: dict[int, P.Entry] = {}
+        self._votes: dict[str, P.VoteReply] = {}
+        self._pre = False
+        self._last_heard = 0.0
+        self._deadline = 0.0
+        self._last_sync = -1e9
+        self._last_join = -1e9
+        self._ack_scheduled = False
+        self._hb_scheduled = False
+        self._tasks: list[asyncio.Task[None]] = []
+        # Observers: called after state, commit or role changed (the worker, the arbiter services, the view).
+        self.listeners: list[Callable[[], None]] = []
+        self.on_applied: list[Callable[[list[StoredObject], bool], None]] = []
+        self.on_role: list[Callable[[Role], None]] = []
+        self.to_arbiter_handlers: list[Callable[[Any], None]] = []
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.link.subscribe(self.topics.log, self._on_log)
+        self.link.subscribe(self.topics.election, self._on_election)
+        self.link.subscribe(self.topics.to_node(self.node_id), self._on_direct)
+        self.link.subscribe(self.topics.to_arbiter, self._on_to_arbiter)
+        self._last_heard = self._clock()
+        self._reset_deadline()
+        self._tasks.append(asyncio.create_task(self._ticker(), name=f"consensus-{self.node_id}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._tasks.clear()
+        self._step_down("stopping")
+
+    # --- helpers -----------------------------------------------------------------------------------------
+    @property
+    def members(self) -> dict[str, Member]:
+        return self.state.members()
+
+    @property
+    def is_member(self) -> bool:
+        return self.node_id in self.members
+
+    @property
+    def serving(self) -> bool:
+        return self.leader is not None and self.leader.serving
+
+    def is_committed(self, stamp: Stamp) -> bool:
+        """True when the object stamped ``stamp`` in our replica is known committed in the current term."""
+        return self.applied[0] == self.commit[0] and stamp <= self.commit
+
+    def _notify(self) -> None:
+        for cb in list(self.listeners):
+            cb()
+
+    def _reset_deadline(self) -> None:
+        base = self.settings.timing.election_timeout_s
+        # The broker host gets the shortest timeout, so the arbiter usually sits beside the broker.
+        lo, hi = (1.0, 1.25) if self.is_broker_host() else (1.5, 2.5)
+        self._deadline = self._clock() + base * self._rng.uniform(lo, hi)
+
+    def _publish(self, topic: str, msg: P.Model, qos: int = 1) -> None:
+        self.link.publish(topic, P.encode(msg), qos=qos)
+
+    def _decode(self, msg: Message) -> Any:
+        try:
+            return P.decode(msg.payload)
+        except ProtocolError as exc:
+            log.debug("dropping malformed message on %s: %s", msg.topic, exc)
+            return None
+
+    def _accepts_farm(self, farm: str) -> bool:
+        return self.farm is None or self.farm == farm
+
+    def _adopt_term(self, term: int) -> None:
+        if term > self.term:
+            self.term = term
+            self.replica.set_meta(term=term)
+            if self.role != Role.FOLLOWER:
+                self._step_down(f"saw term {term}")
+
+    def _step_down(self, why: str) -> None:
+        was = self.role
+        leader = self.leader
+        self.role = Role.FOLLOWER
+        self.leader = None
+        if leader is not None:
+            for p in leader.proposals:
+                if not p.future.done():
+                    p.future.set_exception(NotCommitted(f"arbiter of term {leader.term} stepped down: {why}"))
+        if was != Role.FOLLOWER:
+            log.info("%s: %s → follower (%s)", self.node_id, was.value, why)
+            for cb in list(self.on_role):
+                cb(self.role)
+
+    # --- incoming: the log (entries and heartbeats, in order) --------------------------------------------
+    def _on_log(self, msg: Message) -> None:
+        m = self._decode(msg)
+        if isinstance(m, P.Heartbeat):
+            self._on_heartbeat(m)
+        elif isinstance(m, P.Entry):
+            self._on_entry(m)
+
+    def _on_heartbeat(self, hb: P.Heartbeat) -> None:
+        if not self._accepts_farm(hb.farm) or hb.term < self.term:
+            return
+        if hb.arbiter == self.node_id:
+            return
+        self._adopt_term(hb.term)
+        if self.role == Role.CANDIDATE:
+            self._step_down(f"{hb.arbiter} is arbiter of term {hb.term}")
+        self.farm = self.farm or self._join_farm(hb.farm)
+        self.arbiter = hb.arbiter
+        self.arbiter_serving = hb.serving
+        self._last_heard = self._clock()
+        self._reset_deadline()
+        self._learn_commit(hb.term, hb.commit)
+        if self.applied[0] < hb.term or self.applied[1] < hb.seq:
+            self._request_sync()
+        self._schedule_ack()
+        if not self.is_member:
+            self._request_join()
+        self._notify()
+
+    def _join_farm(self, farm: str) -> str:
+        self.replica.set_meta(farm=farm)
+        return farm
+
+    def _learn_commit(self, term: int, seq: int) -> None:
+        if (term, seq) > self.commit:
+            self.commit = (term, seq)
+
+    def _on_entry(self, e: P.Entry) -> None:
+        if not self._accepts_farm(e.farm) or e.term < self.term:
+            return
+        if self.leader is not None and e.term == self.leader.term:
+            return  # our own
+        self._adopt_term(e.term)
+        self.farm = self.farm or self._join_farm(e.farm)
+        self._last_heard = self._clock()
+        self._reset_deadline()
+        if e.snapshot:
+            if e.stamp > self.applied:
+                self._apply(e.stamp, e.writes, snapshot=True)
+        elif self.applied == (e.term, e.seq - 1):
+            self._apply(e.stamp, e.writes, snapshot=False)
+        elif e.stamp > self.applied:
+            self._buffer[e.seq] = e
+            self._request_sync()
+        self._drain()
+        self._learn_commit(e.term, e.commit)
+        self._schedule_ack()
+        self._notify()
+
+    def _drain(self) -> None:
+        term, seq = self.applied
+        self._buffer = {s: e for s, e in self._buffer.items() if e.term == self.term and s > seq}
+        while term == self.term and (seq + 1) in self._buffer:
+            e = self._buffer.pop(seq + 1)
+            self._apply(e.stamp, e.writes, snapshot=False)
+            term, seq = self.applied
+
+    def _apply(self, stamp: Stamp, writes: list[StoredObject], *, snapshot: bool) -> None:
+        self.replica.apply(stamp, writes, snapshot=snapshot)
+        if snapshot:
+            self.base = (stamp[0], 1)
+            self.replica.set_meta(base=list(self.base))
+            self.state.replace(writes)
+        else:
+            self.state.apply(writes)
+        self.applied = stamp
+        for cb in list(self.on_applied):
+            cb(writes, snapshot)
+
+    def _schedule_ack(self) -> None:
+        if self._ack_scheduled:
+            return
+        self._ack_scheduled = True
+        asyncio.get_running_loop().call_soon(self._send_ack)
+
+    def _send_ack(self) -> None:
+        self._ack_scheduled = False
+        if self.role == Role.ARBITER:
+            return
+        term, seq = self.applied
+        if term == self.term:
+            self._publish(self.topics.to_arbiter, P.Ack(node=self.node_id, term=term, seq=seq))
+        else:
+            # Still alive and listening, but without this term's snapshot: acknowledge nothing yet.
+            self._publish(self.topics.to_arbiter, P.Ack(node=self.node_id, term=self.term, seq=0))
+
+    def _request_sync(self) -> None:
+        now = self._clock()
+        if now - self._last_sync < SYNC_RETRY_S:
+            return
+        self._last_sync = now
+        self._publish(self.topics.to_arbiter, P.SyncRequest(node=self.node_id, term=self.term, last=self.applied))
+
+    def _request_join(self) -> None:
+        now = self._clock()
+        if now - self._last_join < max(1.0, self.settings.timing.heartbeat_s * 4):
+            return
+        self._last_join = now
+        self._publish(self.topics.to_arbiter, P.Join(node=self.node_id, witness=self.settings.witness))
+
+    # --- incoming: direct messages (snapshots, votes for us) ---------------------------------------------
+    def _on_direct(self, msg: Message) -> None:
+        m = self._decode(msg)
+        if isinstance(m, P.Snapshot):
+            if not self._accepts_farm(m.farm) or m.term < self.term:
+                return
+            self._adopt_term(m.term)
+            self.farm = self.farm or self._join_farm(m.farm)
+            if (m.term, m.seq) > self.applied:
+                self._apply((m.term, m.seq), m.objects, snapshot=True)
+                self._drain()
+            self._learn_commit(m.term, m.commit)
+            self._schedule_ack()
+            self._notify()
+        elif isinstance(m, P.VoteReply):
+            self._on_vote(m)
+
+    # --- election ----------------------------------------------------------------------------------------
+    def _hears_arbiter(self) -> bool:
+        """A live arbiter was heard within the election timeout (we are it, or it sends us heartbeats)."""
+        if self.role == Role.ARBITER:
+            return True
+        recent = self._clock() - self._last_heard < self.settings.timing.election_timeout_s
+        return self.arbiter is not None and recent
+
+    def _on_election(self, msg: Message) -> None:
+        m = self._decode(msg)
+        if not isinstance(m, P.VoteRequest) or m.candidate == self.node_id:
+            return
+        if not self._accepts_farm(m.farm) or self.farm is None:
+            return
+        if m.pre:
+            # Pre-vote (Raft §9.6): would we vote? Changes nothing here, so a node that was cut off and
+            # comes back cannot depose a working arbiter by bumping the term.
+            granted = m.term > self.term - 1 and m.candidate in self.members and not self._hears_arbiter()
+            self._publish(self.topics.to_node(m.candidate), P.VoteReply(
+                farm=self.farm, term=m.term, voter=self.node_id, candidate=m.candidate, granted=granted,
+                last=self.applied, base=self.base, pre=True))
+            return
+        if m.term < self.term:
+            granted = False
+        else:
+            self._adopt_term(m.term)
+            vote = self.replica.voted_for
+            free = vote is None or vote[0] < m.term or vote[1] == m.candidate
+            granted = free and m.candidate in self.members and self.role != Role.ARBITER
+            if granted:
+                self.replica.record_vote(m.term, m.candidate)  # durable before it is sent
+                self._reset_deadline()
+        reply = P.VoteReply(
+            farm=self.farm, term=self.term, voter=self.node_id, candidate=m.candidate, granted=granted,
+            last=self.applied, base=self.base,
+            objects=self.state.newer_than(tuple(m.last)) if granted else [],  # type: ignore[arg-type]
+        )
+        self._publish(self.topics.to_node(m.candidate), reply)
+
+    def _pre_vote(self) -> None:
+        """Ask whether a quorum would vote for us, before touching the term."""
+        if self.farm is None:
+            return
+        self.role = Role.CANDIDATE
+        self._pre = True
+        self._votes = {}
+        self._reset_deadline()
+        self._publish(self.topics.election, P.VoteRequest(
+            farm=self.farm, term=self.term + 1, candidate=self.node_id, last=self.applied, pre=True))
+        self._maybe_win()
+
+    def _stand(self) -> None:
+        """Start a term, vote for ourselves, ask for votes."""
+        if self.farm is None:
+            return
+        self._pre = False
+        term = self.term + 1
+        self.replica.record_vote(term, self.node_id)
+        self.term = term
+        self.role = Role.CANDIDATE
+        self.arbiter = None
+        self._votes = {}
+        self._reset_deadline()
+        log.info("%s: standing for term %d", self.node_id, term)
+        self._publish(self.topics.election, P.VoteRequest(
+            farm=self.farm, term=term, candidate=self.node_id, last=self.applied))
+        self._maybe_win()
+
+    def _on_vote(self, v: P.VoteReply) -> None:
+        if self.role != Role.CANDIDATE or v.candidate != self.node_id:
+            if v.term > self.term and not v.pre:
+                self._adopt_term(v.term)
+            return
+        if v.pre != self._pre:
+            return
+        expected = self.term + 1 if self._pre else self.term
+        if v.term != expected:
+            if v.term > self.term and not v.pre:
+                self._adopt_term(v.term)
+            return
+        if v.granted:
+            self._votes[v.voter] = v
+            self._maybe_win()
+
+    def _maybe_win(self) -> None:
+        voters = {self.node_id, *self._votes}
+        if not has_quorum(voters, self.members):
+            return
+        if self._pre:
+            self._stand()
+        else:
+            self._take_over()
+
+    def _take_over(self) -> None:
+        """Quorum read done: merge, re-stamp with our term, send as the term's first entry."""
+        term = self.term
+        sources: list[tuple[Stamp, list[StoredObject]]] = [(self.base, list(self.state.objects.values()))]
+        sources += [(v.base, v.objects) for v in self._votes.values()]
+        merged = merge_newest(sources)
+        stamp = (term, 1)
+        # Tombstones survive one term change (so a stale replica cannot resurrect what they deleted), then go.
+        kept = [
+            StoredObject(key=o.key, stamp=stamp, value=o.value)
+            for o in merged.values()
+            if o.value is not None or o.stamp[0] >= term - 1
+        ]
+        self._become_arbiter(term, kept)
+
+    def _become_arbiter(self, term: int, objects: list[StoredObject]) -> None:
+        self.role = Role.ARBITER
+        self.arbiter = self.node_id
+        self.leader = Leadership(term=term, next_seq=1)
+        log.info("%s: arbiter of term %d (%d objects)", self.node_id, term, len(objects))
+        self._propose_entry(objects, snapshot=True)
+        for cb in list(self.on_role):
+            cb(self.role)
+        self._notify()
+
+    def bootstrap(self) -> None:
+        """Found a new farm with this node as its only member (a one-node farm is its own quorum)."""
+        assert self.farm is None and not self.state.objects
+        self.farm = self._join_farm(uuid.uuid4().hex[:16])
+        term = self.term + 1
+        self.replica.record_vote(term, self.node_id)
+        self.term = term
+        member = Member(node_id=self.node_id, weight=1, witness=self.settings.witness)
+        objects = [StoredObject(key=member_key(self.node_id), stamp=(term, 1), value=member.model_dump(mode="json"))]
+        log.info("%s: founding farm %s", self.node_id, self.farm)
+        self._become_arbiter(term, objects)
+
+    # --- arbiter: proposing and committing ---------------------------------------------------------------
+    def propose(self, writes: list[tuple[str, dict[str, Any] | None]]) -> asyncio.Future[None]:
+        """Stamp ``writes`` as the next entry, store and send it; the future resolves once it is committed.
+
+        Raises NotCommitted (through the future) if this node stops being the arbiter first."""
+        assert self.leader is not None and self.farm is not None
+        stamp = (self.leader.term, self.leader.next_seq)
+        objects = [StoredObject(key=k, stamp=stamp, value=v) for k, v in writes]
+        return self._propose_entry(objects, snapshot=False)
+
+    def next_stamp(self) -> Stamp:
+        assert self.leader is not None
+        return (self.leader.term, self.leader.next_seq)
+
+    def _propose_entry(self, objects: list[StoredObject], *, snapshot: bool) -> asyncio.Future[None]:
+        leader = self.leader
+        assert leader is not None and self.farm is not None
+        seq = leader.next_seq
+        leader.next_seq += 1
+        stamp = (leader.term, seq)
+        self._apply(stamp, objects, snapshot=snapshot)  # our own durable copy first
+        leader.acked[self.node_id] = seq
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        leader.proposals.append(Proposal(seq, fut))
+        self._publish(self.topics.log, P.Entry(
+            farm=self.farm, term=leader.term, seq=seq, commit=leader.commit, writes=objects, snapshot=snapshot))
+        self._advance_commit()
+        return fut
+
+    def _advance_commit(self) -> None:
+        leader = self.leader
+        if leader is None:
+            return
+        commit = committed_seq(leader.acked, self.members)
+        if commit <= leader.commit:
+            return
+        leader.commit = commit
+        self.commit = (leader.term, commit)
+        if not leader.serving:
+            leader.serving = True
+            log.info("%s: serving as arbiter of term %d", self.node_id, leader.term)
+        done = [p for p in leader.proposals if p.seq <= commit]
+        leader.proposals = [p for p in leader.proposals if p.seq > commit]
+        self._schedule_heartbeat()  # tell members at once: a node waits for its start to be committed
+        for p in done:
+            if not p.future.done():
+                p.future.set_result(None)
+        self._notify()
+
+    def _schedule_heartbeat(self) -> None:
+        if self._hb_scheduled:
+            return
+        self._hb_scheduled = True
+        asyncio.get_running_loop().call_soon(self._heartbeat)
+
+    def _heartbeat(self) -> None:
+        self._hb_scheduled = False
+        leader = self.leader
+        if leader is None or self.farm is None:
+            return
+        self._publish(self.topics.log, P.Heartbeat(
+            farm=self.farm, term=leader.term, arbiter=self.node_id, seq=leader.next_seq - 1,
+            commit=leader.commit, serving=leader.serving))
+
+    def _on_to_arbiter(self, msg: Message) -> None:
+        leader = self.leader
+        if leader is None:
+            return
+        m = self._decode(msg)
+        if m is None:
+            return
+        node = getattr(m, "node", None)
+        if node is not None:
+            leader.last_heard[node] = self._clock()
+        if isinstance(m, P.Ack):
+            if m.term == leader.term and m.seq > leader.acked.get(m.node, 0):
+                leader.acked[m.node] = m.seq
+                self._advance_commit()
+            elif m.term > leader.term:
+                self._adopt_term(m.term)
+            return
+        if isinstance(m, P.SyncRequest):
+            self._publish(self.topics.to_node(m.node), P.Snapshot(
+                farm=self.farm or "", term=leader.term, seq=leader.next_seq - 1, commit=leader.commit,
+                objects=list(self.state.objects.values())))
+            return
+        for handler in list(self.to_arbiter_handlers):
+            handler(m)
+
+    # --- timers ------------------------------------------------------------------------------------------
+    async def _ticker(self) -> None:
+        interval = self.settings.timing.heartbeat_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.tick(self._clock())
+            except Exception:  # a bug here must not stop elections
+                log.exception("%s: consensus tick failed", self.node_id)
+
+    def tick(self, now: float) -> None:
+        if self.role == Role.ARBITER:
+            self._heartbeat()
+            self._check_quorum(now)
+            return
+        if not self.link.connected or now < self._deadline:
+            return
+        if self.farm is None:
+            if self.may_bootstrap():
+                self.bootstrap()
+            else:
+                self._reset_deadline()
+            return
+        if self.is_member and not self.settings.witness:
+            self._pre_vote()
+        else:
+            self._reset_deadline()
+
+    def _check_quorum(self, now: float) -> None:
+        """An arbiter that has not heard a quorum for an election timeout steps down (it may be cut off)."""
+        leader = self.leader
+        assert leader is not None
+        window = self.settings.timing.election_timeout_s * 2
+        heard = {n for n, t in leader.last_heard.items() if now - t <= window} | {self.node_id}
+        if has_quorum(heard, self.members):
+            leader.quorum_lost_since = None
+        elif leader.quorum_lost_since is None:
+            leader.quorum_lost_since = now
+        elif now - leader.quorum_lost_since > window:
+            self._step_down("lost contact with a quorum")
+
+
+class NotCommitted(Exception):
+    """A proposal was not committed by this arbiter (it stepped down); the request may be retried."""
