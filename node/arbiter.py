@@ -247,7 +247,8 @@ class ArbiterServices:
             elif isinstance(m, P.Join):
                 self._join(m)
         except RequestError as exc:
-            log.info("refused %s from %s: %s", m.kind, node, exc)
+            # Usually a duplicate (a report resent before its commit was seen): harmless, so not loud.
+            log.debug("refused %s from %s: %s", m.kind, node, exc)
 
     def _join(self, m: P.Join) -> None:
         """Enroll a member: one membership change at a time, so consecutive quorums overlap."""

@@ -26,7 +26,8 @@ from shared.topics import Topics
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1
-EnsureFile = Callable[[str, list[str], Callable[[float], None]], Awaitable[Path]]
+ProgressCallback = Callable[[int, int | None], None]  # bytes so far, total bytes (None: unknown)
+EnsureFile = Callable[[str, list[str], ProgressCallback], Awaitable[Path]]
 
 
 @dataclass
@@ -294,12 +295,17 @@ class Worker:
     async def _finish(self, held: Held, outcome: P.Outcome, reason: str | None) -> None:
         """Report the end of the copy until the arbiter has committed it (or the copy is no longer ours)."""
         self.c.replica.set_meta(local_copy=None)
+        loop = asyncio.get_running_loop()
+        last_sent = -1e9
         while True:
             copy = self._copy(held)
             if copy is None or copy.state not in (CopyState.PRINTING, CopyState.ORPHANED):
                 break
-            self._send(P.FinishReport(node=self.node_id, namespace=held.namespace, job=held.job,
-                                      copy_index=held.copy_index, grant=held.grant, outcome=outcome, reason=reason))
+            if loop.time() - last_sent >= self.settings.timing.work_retry_s:
+                last_sent = loop.time()
+                self._send(P.FinishReport(node=self.node_id, namespace=held.namespace, job=held.job,
+                                          copy_index=held.copy_index, grant=held.grant, outcome=outcome,
+                                          reason=reason))
             await self._wait(self.settings.timing.work_retry_s)
         self.current = None
         self.progress = None
@@ -332,6 +338,6 @@ class Worker:
         await self._finish(held, P.Outcome.FAILED, "the node restarted during this print and its outcome is "
                                                    "unknown: check the printer, then resolve the copy")
 
-    def _fetch_progress(self, fraction: float) -> None:
-        self.progress = fraction
+    def _fetch_progress(self, done: int, total: int | None) -> None:
+        self.progress = done / total if total else None
         self.on_state()

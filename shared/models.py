@@ -15,10 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 NAMESPACE_RE = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+NODE_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 SHA256_RE = r"^[0-9a-f]{64}$"
 
 Namespace = Annotated[str, StringConstraints(pattern=NAMESPACE_RE)]
-NodeId = Annotated[str, StringConstraints(pattern=ID_RE)]
+NodeId = Annotated[str, StringConstraints(pattern=NODE_ID_RE)]
 JobId = Annotated[str, StringConstraints(pattern=ID_RE)]
 Sha256 = Annotated[str, StringConstraints(pattern=SHA256_RE)]
 ShortText = Annotated[str, StringConstraints(max_length=200)]

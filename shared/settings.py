@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.models import ID_RE, Material, NAMESPACE_RE
+from shared.models import NAMESPACE_RE, NODE_ID_RE, Material
 
 
 class SafetyMode(enum.StrEnum):
@@ -104,7 +104,7 @@ class HomeAssistantSettings(Section):
 
 
 class Settings(Section):
-    node_id: Annotated[str, Field(pattern=ID_RE)]
+    node_id: Annotated[str, Field(pattern=NODE_ID_RE)]
     data_dir: Path
     witness: bool = False  # a printer-less member that only votes
     farm: FarmSettings = FarmSettings()

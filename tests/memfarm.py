@@ -22,8 +22,14 @@ from node.worker import Worker
 from shared.settings import Settings, TimingSettings
 from shared.topics import Topics
 
-FAST = TimingSettings(heartbeat_s=0.05, election_timeout_s=0.3, lease_s=2.0, lock_delay_s=0.2,
-                      node_timeout_s=0.6, work_retry_s=0.2)
+FAST = TimingSettings(
+    heartbeat_s=0.05,
+    election_timeout_s=0.3,
+    lease_s=2.0,
+    lock_delay_s=0.2,
+    node_timeout_s=0.6,
+    work_retry_s=0.2,
+)
 
 
 def gcode(seconds: float, tag: str = "") -> bytes:
@@ -34,37 +40,58 @@ class MemNode:
     def __init__(self, farm: MemFarm, node_id: str, *, witness: bool = False) -> None:
         self.farm = farm
         self.node_id = node_id
-        self.settings = Settings(node_id=node_id, data_dir=farm.root / node_id, witness=witness, timing=FAST,
-                                 printer={"driver": "none" if witness else "simulated", "self_clearing": True})
+        self.settings = Settings(
+            node_id=node_id,
+            data_dir=farm.root / node_id,
+            witness=witness,
+            timing=FAST,
+            printer={"driver": "none" if witness else "simulated", "self_clearing": True},
+        )
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.topics = Topics()
         self.printer = None if witness else SimulatedPrinter(node_id, time_scale=farm.time_scale)
         self.started = False
 
     async def start(self) -> None:
-        will = Will(self.topics.node_state(self.node_id), json.dumps({"node_id": self.node_id,
-                                                                     "state": "offline"}).encode())
+        will = Will(
+            self.topics.node_state(self.node_id),
+            json.dumps({"node_id": self.node_id, "state": "offline"}).encode(),
+        )
         self.link = MemoryLink(self.farm.broker, LinkOptions(client_id=self.node_id, will=will))
         self.replica = Replica(self.settings.data_dir / "replica.db")
-        self.consensus = Consensus(self.settings, self.link, self.replica,
-                                   is_broker_host=lambda: self.node_id == self.farm.host,
-                                   may_bootstrap=lambda: self.node_id == self.farm.host)
-        self.arbiter = ArbiterServices(self.settings, self.consensus, self.link, make_chooser(self.settings),
-                                       lambda: self.farm.node_states, clock=lambda: asyncio.get_running_loop().time(),
-                                       wall=time.time)
+        self.consensus = Consensus(
+            self.settings,
+            self.link,
+            self.replica,
+            is_broker_host=lambda: self.node_id == self.farm.host,
+            may_bootstrap=lambda: self.node_id == self.farm.host,
+        )
+        self.arbiter = ArbiterServices(
+            self.settings,
+            self.consensus,
+            self.link,
+            make_chooser(self.settings),
+            lambda: self.farm.node_states,
+            clock=lambda: asyncio.get_running_loop().time(),
+            wall=time.time,
+        )
         self.worker = None
         if self.printer is not None:
             await self.printer.connect()
-            self.worker = Worker(self.settings, self.consensus, self.link, self.printer, self.farm.ensure_file,
-                                 lambda: None)
+            self.worker = Worker(
+                self.settings, self.consensus, self.link, self.printer, self.farm.ensure_file, lambda: None
+            )
         self.link.subscribe(self.topics.node_state_filter, self.farm.on_node_state)
         await self.consensus.start()
         await self.arbiter.start()
         if self.worker:
             await self.worker.start()
         await self.link.start()
-        self.link.publish(self.topics.node_state(self.node_id),
-                          json.dumps({"node_id": self.node_id, "state": "online"}).encode(), retain=True)
+        self.link.publish(
+            self.topics.node_state(self.node_id),
+            json.dumps({"node_id": self.node_id, "state": "online"}).encode(),
+            retain=True,
+        )
         self.started = True
 
     async def stop(self, *, crash: bool = False) -> None:
@@ -102,7 +129,7 @@ class MemFarm:
         if node and msg.payload:
             self.node_states[node] = json.loads(msg.payload)
 
-    async def ensure_file(self, sha: str, holders: list[str], progress: Callable[[float], None]) -> Path:
+    async def ensure_file(self, sha: str, holders: list[str], progress: Callable[[int, int | None], None]) -> Path:
         return self.files[sha]
 
     def add_file(self, data: bytes) -> str:
@@ -129,7 +156,9 @@ class MemFarm:
         if "transaction" in body:
             self.responses[body["transaction"]] = body
 
-    async def request(self, path: str, body: dict[str, Any] | str, txn: str, timeout: float = 5.0) -> dict[str, Any]:
+    async def request(
+        self, path: str, body: dict[str, Any] | str, txn: str, timeout: float = 5.0
+    ) -> dict[str, Any]:
         payload = dict(body, transaction=txn) if isinstance(body, dict) else body
         self.client.publish(f"netq/request/{path}", json.dumps(payload).encode(), qos=1)
         return await self.wait_for(lambda: self.responses.get(txn), timeout, f"response to {path} {txn}")

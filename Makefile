@@ -1,0 +1,56 @@
+# netqueues: `make demo` and `make test` each set up everything they need on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SEEDS ?= 200
+
+.PHONY: demo test test-fast chaos bench lint typecheck install system-deps octoprint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# mosquitto and its clients for the end-to-end tests; iproute2 for the LAN tier (root only).
+system-deps:
+	@if ! command -v mosquitto >/dev/null || ! command -v mosquitto_pub >/dev/null || ! command -v ip >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients iproute2 >/dev/null; \
+		else \
+			echo "install mosquitto, mosquitto-clients and iproute2 (e.g. sudo apt-get install mosquitto mosquitto-clients iproute2)"; \
+		fi; \
+	fi
+
+# OctoPrint cannot share our virtual environment: it gets one of its own.
+octoprint:
+	bash scripts/install-octoprint.sh
+
+demo: $(STAMP)
+	$(VENV)/bin/netq demo --nodes 3 --jobs 12 --until-done --kill-host
+
+test: $(STAMP) system-deps octoprint
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+chaos: $(STAMP) system-deps
+	NETQ_CHAOS_SEEDS=$(SEEDS) $(PY) -m pytest -q tests/lan
+
+bench: $(STAMP) system-deps
+	$(PY) bench/claim_latency.py
+	$(PY) bench/scheduler.py
+	$(PY) bench/file_fetch.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check broker node shared tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy shared
+
+clean:
+	rm -rf $(VENV) .octoprint-venv .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,78 @@
+"""Find the farm's broker from outside the farm (the CLI): browse the node adverts, try their brokers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from broker.advert import SERVICE_TYPE, advert_from_properties
+from broker.choice import Address, Advert
+from shared.errors import BrokerError, ProtocolError
+
+log = logging.getLogger(__name__)
+
+
+async def _reachable(address: Address, timeout: float) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(*address), timeout)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def discover_broker(interfaces: Sequence[str] | None, timeout: float = 4.0,
+                          farm: str | None = None) -> Address:
+    """The address of a reachable broker advertised by a node; BrokerError if none is found in ``timeout``."""
+    zc = AsyncZeroconf(interfaces=list(interfaces) if interfaces else None,  # type: ignore[arg-type]
+                       ip_version=IPVersion.V4Only)
+    adverts: dict[str, Advert] = {}
+    found = asyncio.Event()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def lookup(zeroconf: Zeroconf, name: str) -> None:
+        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        if not await info.async_request(zeroconf, 1000):
+            return
+        try:
+            advert = advert_from_properties(info.decoded_properties)
+        except ProtocolError:
+            return
+        if advert.broker is not None and (farm is None or advert.farm == farm):
+            adverts[advert.node_id] = advert
+            found.set()
+
+    def on_service(zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        if state_change is not ServiceStateChange.Removed:
+            task = asyncio.get_running_loop().create_task(lookup(zeroconf, name))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    browser = AsyncServiceBrowser(zc.zeroconf, [SERVICE_TYPE], handlers=[on_service])
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while loop.time() < deadline:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(found.wait(), max(0.05, deadline - loop.time()))
+            found.clear()
+            # A crashed host's record lingers: the broker that answers is the one in use.
+            for advert in sorted(adverts.values(), key=lambda a: (-a.priority, a.node_id)):
+                assert advert.broker is not None
+                if await _reachable(advert.broker, 1.0):
+                    return advert.broker
+    finally:
+        await browser.async_cancel()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await zc.async_close()
+    raise BrokerError(f"no reachable netqueues broker found on the network within {timeout:g}s "
+                      "(is a node running? give --broker mqtt://HOST:PORT to name one)")

@@ -1,0 +1,286 @@
+"""The node agent: wires the broker host, the MQTT link, the replica, consensus, the arbiter services, the worker,
+the file store and its HTTP server into one asyncio program, and publishes the node's retained state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from broker.host import BrokerHost, BrokerSource, FixedBroker
+from node.arbiter import ArbiterServices
+from node.consensus import Consensus, Role
+from node.files.fetch import fetch
+from node.files.http import FileServer
+from node.files.store import FileStore
+from node.link.base import Link, LinkOptions, Message, Will
+from node.link.mqtt import MqttLink
+from node.printers.base import PrinterDriver
+from node.replica import Replica
+from node.scheduling import make_chooser
+from node.worker import Worker
+from shared import PROTOCOL_VERSION
+from shared.errors import ConfigError, FileStoreError, NetqError
+from shared.models import NodeState, WorkerState
+from shared.settings import Settings
+from shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+STATE_REFRESH_S = 5.0
+
+
+class Lifecycle(enum.StrEnum):
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+def make_printer(settings: Settings) -> PrinterDriver | None:
+    p = settings.printer
+    if p.driver == "none":
+        return None
+    if p.driver == "octoprint":
+        from node.printers.octoprint import OctoPrintDriver
+
+        assert p.url and p.api_key
+        return OctoPrintDriver(p.url, p.api_key, port=p.port)
+    from node.printers.simulated import SimulatedPrinter
+
+    return SimulatedPrinter(p.name or settings.node_id, time_scale=p.time_scale, journal=p.journal,
+                            default_duration=p.default_duration_s)
+
+
+class NodeAgent:
+    """One node of the farm. ``link`` and ``printer`` may be given (tests); otherwise built from settings."""
+
+    def __init__(self, settings: Settings, *, link: Link | None = None, printer: PrinterDriver | None = None,
+                 broker: BrokerSource | None = None) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id
+        self.topics = Topics(settings.farm.base_topic, settings.homeassistant.prefix)
+        self._link = link
+        self._broker = broker
+        self.printer = printer
+        self.lifecycle = Lifecycle.NEW
+        self.nodes: dict[str, dict[str, Any]] = {}  # retained node states seen, by node id
+        self._publish_scheduled = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self.on_stop: list[Callable[[], Any]] = []
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.lifecycle != Lifecycle.NEW:
+            raise NetqError(f"node agent cannot start when {self.lifecycle.value}")
+        self.lifecycle = Lifecycle.STARTING
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        if s.farm.key is None:
+            log.warning("farm is OPEN: no farm key is set, so any client on the network can join and send "
+                        "commands. Set farm.key (the same on every node) to require credentials and signatures.")
+        self.replica = Replica(s.data_dir / "replica.db")
+        self.store = FileStore(s.data_dir / "files")
+        self.files = FileServer(self.store, host=s.files.bind, port=s.files.port)
+        await self.files.start()
+        files_host = s.files.advertise or (s.files.bind if s.files.bind != "0.0.0.0" else "127.0.0.1")
+        self.files_url = f"http://{files_host}:{self.files.port}"
+
+        if self._link is None:
+            if self._broker is None:
+                self._broker = self._make_broker()
+            await self._broker.start()
+            self._link = MqttLink(self._broker.current, self._link_options())
+            self._broker.on_change(lambda _addr: self._reconnect())
+        self.link: Link = self._link
+
+        if self.printer is None:
+            self.printer = make_printer(s)
+        self.consensus = Consensus(s, self.link, self.replica, is_broker_host=self._is_broker_host,
+                                   may_bootstrap=self._may_bootstrap)
+        self.arbiter = ArbiterServices(s, self.consensus, self.link, make_chooser(s), lambda: self.nodes,
+                                       clock=self._monotonic, wall=time.time)
+        self.worker: Worker | None = None
+        if self.printer is not None:
+            self.worker = Worker(s, self.consensus, self.link, self.printer, self.ensure_file,
+                                 self.schedule_publish)
+        self.link.subscribe(self.topics.node_state_filter, self._on_node_state)
+        self.link.on_connection(self._on_connection)
+        self.consensus.on_role.append(lambda _role: self.schedule_publish())
+        await self.consensus.start()
+        await self.arbiter.start()
+        if self.printer is not None:
+            try:
+                await self.printer.connect()
+            except NetqError as exc:
+                log.warning("%s: printer not connected yet: %s", self.node_id, exc)
+        if self.worker is not None:
+            await self.worker.start()
+        await self.link.start()
+        self._tasks.append(asyncio.create_task(self._refresh(), name=f"state-{self.node_id}"))
+        self.lifecycle = Lifecycle.RUNNING
+        log.info("%s: node agent running (files at %s)", self.node_id, self.files_url)
+
+    async def stop(self) -> None:
+        if self.lifecycle in (Lifecycle.STOPPING, Lifecycle.STOPPED, Lifecycle.NEW):
+            self.lifecycle = Lifecycle.STOPPED
+            return
+        self.lifecycle = Lifecycle.STOPPING
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        if self.worker is not None:
+            await self.worker.stop()
+        await self.arbiter.stop()
+        await self.consensus.stop()
+        if self.link.connected:
+            self.link.publish(self.topics.node_state(self.node_id), self._offline_payload(), qos=1, retain=True)
+        await self.link.stop()
+        if self._broker is not None:
+            await self._broker.stop()
+        if self.printer is not None:
+            await self.printer.close()
+        await self.files.stop()
+        self.replica.close()
+        self.lifecycle = Lifecycle.STOPPED
+
+    # --- broker ------------------------------------------------------------------------------------------
+    def _make_broker(self) -> BrokerSource:
+        b = self.settings.broker
+        if b.url:
+            return FixedBroker(b.url)
+        if not b.interfaces:
+            raise ConfigError("broker.interfaces must list the addresses zeroconf binds to (e.g. ['192.168.1.5']),"
+                              " or set broker.url to use an existing broker")
+        farm = "open" if self.settings.farm.key is None else _fingerprint(self.settings.farm.key)
+        return BrokerHost(node_id=self.node_id, priority=b.priority, farm=farm, interfaces=b.interfaces,
+                          broker_host=b.advertise or (b.bind if b.bind != "0.0.0.0" else None),
+                          broker_port=b.port, proto=PROTOCOL_VERSION, max_packet_bytes=max(b.max_payload, 64 << 20))
+
+    def _is_broker_host(self) -> bool:
+        return isinstance(self._broker, BrokerHost) and self._broker.hosting is not None
+
+    def _may_bootstrap(self) -> bool:
+        """May this node found a new farm? Only if no node it sees belongs to one, and it is the one chosen:
+        the broker host when the broker is embedded (exactly one per broker), else the lowest node id."""
+        if any(st.get("farm") for st in self.nodes.values() if st.get("node_id") != self.node_id):
+            return False
+        if isinstance(self._broker, BrokerHost):
+            return self._is_broker_host()
+        online = [n for n, st in self.nodes.items() if st.get("state") == "online"]
+        return not online or min(online + [self.node_id]) == self.node_id
+
+    def _reconnect(self) -> None:
+        if isinstance(self._link, MqttLink):
+            self._link.reconnect_now()
+
+    def _monotonic(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    # --- node state --------------------------------------------------------------------------------------
+    def _link_options(self) -> LinkOptions:
+        return LinkOptions(client_id=f"netq-{self.node_id}",
+                           will=Will(self.topics.node_state(self.node_id), self._offline_payload()))
+
+    def _offline_payload(self) -> bytes:
+        return json.dumps({"node_id": self.node_id, "state": "offline", "worker": "offline",
+                           "farm": getattr(self, "consensus", None) and self.consensus.farm}).encode()
+
+    def node_state(self) -> NodeState:
+        w = self.worker
+        return NodeState(
+            node_id=self.node_id, state="online", farm=self.consensus.farm,
+            arbiter=self.consensus.role == Role.ARBITER, broker_host=self._is_broker_host(),
+            worker=w.state if w else WorkerState.IDLE, printer=self.settings.printer.driver,
+            reason=(w.reason if w else "witness: votes only, no printer"),
+            namespace=w.current.namespace if w and w.current else None,
+            job=w.current.job if w and w.current else None,
+            copy_index=w.current.copy_index if w and w.current else None,
+            progress=w.progress if w else None, capabilities=w.capabilities if w else None,
+            namespaces=list(self.settings.worker.namespaces), accept_jobs=w.accept_jobs if w else False,
+            witness=self.settings.witness, files_url=self.files_url, ts=time.time(),
+        )
+
+    def schedule_publish(self) -> None:
+        if self._publish_scheduled:
+            return
+        self._publish_scheduled = True
+        asyncio.get_running_loop().call_soon(self._publish_state)
+
+    def _publish_state(self) -> None:
+        self._publish_scheduled = False
+        if self.lifecycle not in (Lifecycle.RUNNING, Lifecycle.STARTING):
+            return
+        state = self.node_state()
+        self.nodes[self.node_id] = state.model_dump(mode="json")
+        self.link.publish(self.topics.node_state(self.node_id), state.model_dump_json().encode(), qos=1,
+                          retain=True)
+
+    def _on_connection(self, connected: bool) -> None:
+        if connected:
+            self.schedule_publish()
+            self._write_runtime()
+
+    def _write_runtime(self) -> None:
+        """``<data_dir>/runtime.json``: how local tools (the CLI, the demo) reach this node and its broker."""
+        address = self._broker.address if self._broker is not None else None
+        info = {"node_id": self.node_id, "pid": os.getpid(), "files_url": self.files_url,
+                "broker": list(address) if address else None, "base_topic": self.settings.farm.base_topic}
+        path = self.settings.data_dir / "runtime.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(path)
+
+    def _on_node_state(self, msg: Message) -> None:
+        node = self.topics.parse_node_state(msg.topic)
+        if node is None:
+            return
+        if not msg.payload:
+            self.nodes.pop(node, None)
+            return
+        try:
+            raw = json.loads(msg.payload)
+            st = NodeState.model_validate(raw)
+        except ValueError:
+            log.debug("ignoring malformed node state on %s", msg.topic)
+            return
+        if st.node_id != node:
+            return
+        self.nodes[node] = st.model_dump(mode="json")
+        if node == self.node_id and st.state == "offline" and self.lifecycle == Lifecycle.RUNNING:
+            self.schedule_publish()  # a stale will of ours (e.g. after a reconnect): say we are online
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(STATE_REFRESH_S)
+            self.schedule_publish()
+
+    # --- files -------------------------------------------------------------------------------------------
+    async def ensure_file(self, sha256: str, holders: list[str], progress: Callable[[int, int | None], None]) -> Path:
+        """The local path of a G-code file, fetched from a holder (and hash-checked) if we lack it."""
+        if self.store.has(sha256):
+            return self.store.path(sha256)
+        urls = [self.nodes[h]["files_url"] for h in holders
+                if h != self.node_id and self.nodes.get(h, {}).get("files_url")]
+        if not urls:
+            raise FileStoreError(f"no reachable holder of {sha256[:12]} (holders: {', '.join(holders)})")
+        await fetch(sha256, urls, self.store, progress_cb=progress)
+        return self.store.path(sha256)
+
+
+def _fingerprint(key: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(b"netqueues-farm:" + key.encode()).hexdigest()[:16]

@@ -1,0 +1,361 @@
+"""``netq``: the command line. A thin layer over the library: it catches NetqError, prints it plainly, exits 1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared.errors import NetqError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="netqueues: shared print queues for a farm of 3D printers, with no server and no cloud.")
+job_app = typer.Typer(no_args_is_help=True, help="Change queued jobs.")
+node_app = typer.Typer(no_args_is_help=True, help="Farm membership and per-node commands.")
+app.add_typer(job_app, name="job")
+app.add_typer(node_app, name="node")
+console = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file of the local node.",
+                                                 envvar="NETQ_CONFIG")]
+BrokerOpt = Annotated[str | None, typer.Option("--broker", help="mqtt://HOST:PORT of the farm's broker "
+                                                "(default: the local node's, else found with zeroconf).",
+                                                envvar="NETQ_BROKER")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _run(coro: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return asyncio.run(coro())  # type: ignore[arg-type]
+    except NetqError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+async def _client(config: Path | None, broker: str | None) -> Any:
+    """Connect to the farm: --broker, else the config's broker.url, else the local node's broker, else zeroconf."""
+    from broker.discover import discover_broker
+    from broker.host import parse_broker_url
+    from node.client import FarmClient
+    from node.config import load_settings
+
+    settings = load_settings(config) if config is not None or os.environ.get("NETQ_CONFIG") else None
+    base = settings.farm.base_topic if settings else "netq"
+    address = None
+    if broker:
+        address = parse_broker_url(broker)
+    elif settings is not None and settings.broker.url:
+        address = parse_broker_url(settings.broker.url)
+    elif settings is not None:
+        try:
+            rt = json.loads((settings.data_dir / "runtime.json").read_text())
+            if rt.get("broker"):
+                address = (str(rt["broker"][0]), int(rt["broker"][1]))
+        except (OSError, ValueError):
+            pass
+    if address is None:
+        interfaces = settings.broker.interfaces if settings is not None else None
+        address = await discover_broker(interfaces or None)
+    client = FarmClient(address, base_topic=base)
+    await client.connect()
+    return client
+
+
+# --- the node agent ---------------------------------------------------------------------------------------
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    node_id: Annotated[str | None, typer.Option("--node-id", help="This node's id (default: host name).")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Where the replica and files live.")] = None,
+    broker: BrokerOpt = None,
+    witness: Annotated[bool, typer.Option("--witness", help="A printer-less member that only votes.")] = False,
+    interface: Annotated[list[str] | None, typer.Option("--interface", help="Zeroconf interface address "
+                                                        "(repeat for several).")] = None,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0,
+) -> None:
+    """Run the node agent of this printer host (see deploy/netq.toml.example)."""
+    from node.agent import NodeAgent
+    from node.config import load_settings
+
+    logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose == 0:
+        logging.getLogger("amqtt").setLevel(logging.WARNING)
+        logging.getLogger("transitions").setLevel(logging.WARNING)
+    flags: dict[str, Any] = {"node_id": node_id, "data_dir": str(data_dir) if data_dir else None,
+                             "broker.url": broker, "broker.interfaces": interface}
+    if witness:
+        flags["witness"] = True
+
+    async def main() -> None:
+        settings = load_settings(config, flags)
+        if settings.witness:
+            err.print("running as a witness: this node votes in elections and holds a replica, but prints nothing")
+        agent = NodeAgent(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await agent.start()
+        try:
+            await stop.wait()
+        finally:
+            await agent.stop()
+
+    _run(main)
+
+
+# --- queue commands ---------------------------------------------------------------------------------------
+def _parse_material(text: str) -> dict[str, Any] | None:
+    if text in ("", "-", "any"):
+        return None
+    mtype, _, color = text.partition(":")
+    return {"type": mtype, "color": color or None}
+
+
+@app.command()
+def add(
+    files: Annotated[list[Path], typer.Argument(help="G-code files (one set each) or one .gjob archive.",
+                                                exists=True, dir_okay=False)],
+    namespace: Annotated[str, typer.Option("--namespace", "-n")] = "default",
+    count: Annotated[int, typer.Option("--count", help="Copies of the whole job.")] = 1,
+    set_count: Annotated[int, typer.Option("--set-count", help="Times each file is printed per copy.")] = 1,
+    priority: Annotated[int, typer.Option("--priority")] = 0,
+    name: Annotated[str | None, typer.Option("--name")] = None,
+    material: Annotated[list[str] | None, typer.Option(
+        "--material", help="Material per tool, TYPE[:COLOR], repeat per tool (e.g. PLA:red).")] = None,
+    profile: Annotated[list[str] | None, typer.Option("--profile", help="Printer profile allowed "
+                                                       "(repeat; default any).")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="Printer tag required (repeat).")] = None,
+    config: ConfigOpt = None,
+    broker: BrokerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload files through a node and queue them as one job."""
+    from node.upload import upload_file
+
+    async def main() -> dict[str, Any]:
+        client = await _client(config, broker)
+        try:
+            target = await _upload_target(client, config)
+            sets = []
+            for path in files:
+                sha = await upload_file(target[1], path, show_progress=not as_json)
+                sets.append({"file": path.name, "sha256": sha, "count": set_count, "holders": [target[0]],
+                             "materials": [_parse_material(m) for m in (material or [])],
+                             "profiles": list(profile or [])})
+            body = {"namespace": namespace, "count": count, "priority": priority, "sets": sets,
+                    "tags": list(tag or [])}
+            if name:
+                body["name"] = name
+            return dict(await client.request("job/add", body))
+        finally:
+            await client.close()
+
+    data = _run(main)
+    if as_json:
+        print(json.dumps(data))
+    else:
+        console.print(f"queued job [bold]{data['id']}[/bold] in [bold]{data['namespace']}[/bold] "
+                      f"({data['copies']} {'copy' if data['copies'] == 1 else 'copies'})")
+
+
+async def _upload_target(client: Any, config: Path | None) -> tuple[str, str]:
+    """(node id, files URL) of the node to upload through: the local node, else any online node."""
+    from node.config import load_settings
+
+    if config is not None or os.environ.get("NETQ_CONFIG"):
+        settings = load_settings(config)
+        try:
+            rt = json.loads((settings.data_dir / "runtime.json").read_text())
+            return str(rt["node_id"]), str(rt["files_url"])
+        except (OSError, ValueError, KeyError):
+            pass
+    states = await _node_states(client)
+    online = [s for s in states.values() if s.get("state") == "online" and s.get("files_url")]
+    if not online:
+        raise NetqError("no online node to upload the file to")
+    online.sort(key=lambda s: (not s.get("arbiter"), s["node_id"]))
+    return str(online[0]["node_id"]), str(online[0]["files_url"])
+
+
+async def _node_states(client: Any, settle: float = 0.5) -> dict[str, dict[str, Any]]:
+    client.watch(client.topics.node_state_filter)
+    await asyncio.sleep(settle)  # retained messages arrive right after subscribing; there is no end marker
+    return dict(client.node_states())
+
+
+@app.command()
+def jobs(
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,
+    active: Annotated[bool, typer.Option("--active", help="Hide finished jobs.")] = False,
+    config: ConfigOpt = None,
+    broker: BrokerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the queues: each job, its copies and who prints them."""
+
+    async def main() -> dict[str, Any]:
+        client = await _client(config, broker)
+        try:
+            body: dict[str, Any] = {"include_done": not active}
+            if namespace:
+                body["namespace"] = namespace
+            return dict(await client.request("queue/list", body))
+        finally:
+            await client.close()
+
+    data = _run(main)
+    if as_json:
+        print(json.dumps(data))
+        return
+    table = Table(title="netqueues jobs")
+    for col in ("queue", "job", "name", "state", "copies", "priority", "printing on", "notes"):
+        table.add_column(col)
+    for job in data["jobs"]:
+        copies = job["copies"]
+        done = sum(1 for c in copies if c["state"] == "done")
+        nodes = sorted({c["node"] for c in copies if c["state"] in ("claimed", "printing", "orphaned") and c["node"]})
+        notes = [c["reason"] for c in copies if c.get("reason") and c["state"] != "done"]
+        if any(c.get("conflict") for c in copies):
+            notes.insert(0, "CONFLICT: printed twice")
+        paused = data.get("queues", {}).get(job["namespace"], {}).get("paused")
+        table.add_row(job["namespace"] + (" (paused)" if paused else ""), job["id"], job["name"], job["state"],
+                      f"{done}/{len(copies)}", str(job["priority"]), ", ".join(nodes), "; ".join(notes[:2]))
+    console.print(table)
+
+
+@app.command()
+def nodes(config: ConfigOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False) -> None:
+    """List the farm's nodes: roles, printer state, current job."""
+
+    async def main() -> dict[str, Any]:
+        client = await _client(config, broker)
+        try:
+            return dict(await client.request("node/list"))
+        finally:
+            await client.close()
+
+    data = _run(main)
+    if as_json:
+        print(json.dumps(data))
+        return
+    table = Table(title=f"farm {data.get('farm')} — arbiter {data.get('arbiter')} (term {data.get('term')}), "
+                        f"safety {data.get('safety')}")
+    for col in ("node", "online", "role", "worker", "job", "progress", "note"):
+        table.add_column(col)
+    for n in data["nodes"]:
+        roles = [r for r, on in (("arbiter", n.get("arbiter")), ("broker", n.get("broker_host")),
+                                 ("witness", n.get("witness"))) if on]
+        if not n.get("enrolled"):
+            roles.append("not enrolled")
+        progress = f"{n['progress'] * 100:.0f}%" if n.get("progress") is not None else ""
+        job = f"{n['job']}#{n['copy_index']}" if n.get("job") else ""
+        table.add_row(n["node_id"], n.get("state", "?"), ", ".join(roles), str(n.get("worker", "")), job, progress,
+                      n.get("reason") or "")
+    console.print(table)
+    if data.get("warning"):
+        err.print(f"[yellow]warning:[/yellow] {data['warning']}")
+
+
+def _simple(path: str, body: dict[str, Any], config: Path | None, broker: str | None, as_json: bool,
+            say: Callable[[dict[str, Any]], str]) -> None:
+    async def main() -> dict[str, Any]:
+        client = await _client(config, broker)
+        try:
+            return dict(await client.request(path, body))
+        finally:
+            await client.close()
+
+    data = _run(main)
+    print(json.dumps(data) if as_json else say(data))
+
+
+@job_app.command("remove")
+def job_remove(job_id: str, namespace: Annotated[str, typer.Option("--namespace", "-n")] = "default",
+               config: ConfigOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False) -> None:
+    """Remove a job (its queued copies are cancelled)."""
+    _simple("job/remove", {"namespace": namespace, "id": job_id}, config, broker, as_json,
+            lambda d: f"removed {d['id']}")
+
+
+@job_app.command("update")
+def job_update(job_id: str, namespace: Annotated[str, typer.Option("--namespace", "-n")] = "default",
+               count: Annotated[int | None, typer.Option("--count")] = None,
+               priority: Annotated[int | None, typer.Option("--priority")] = None,
+               name: Annotated[str | None, typer.Option("--name")] = None,
+               config: ConfigOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False) -> None:
+    """Change a job's copies, priority or name."""
+    body: dict[str, Any] = {"namespace": namespace, "id": job_id}
+    for k, v in (("count", count), ("priority", priority), ("name", name)):
+        if v is not None:
+            body[k] = v
+    _simple("job/update", body, config, broker, as_json, lambda d: f"updated {d['id']}")
+
+
+@job_app.command("move")
+def job_move(job_id: str, namespace: Annotated[str, typer.Option("--namespace", "-n")] = "default",
+             before: Annotated[str | None, typer.Option("--before")] = None,
+             after: Annotated[str | None, typer.Option("--after")] = None,
+             position: Annotated[int | None, typer.Option("--position", help="0 = top")] = None,
+             config: ConfigOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False) -> None:
+    """Move a job within its queue."""
+    body: dict[str, Any] = {"namespace": namespace, "id": job_id}
+    for k, v in (("before", before), ("after", after), ("position", position)):
+        if v is not None:
+            body[k] = v
+    _simple("job/move", body, config, broker, as_json, lambda d: f"moved {d['id']} to position {d['position']}")
+
+
+@job_app.command("resolve")
+def job_resolve(job_id: str, copy: int,
+                outcome: Annotated[str, typer.Option("--outcome", help="requeue, done or failed")],
+                namespace: Annotated[str, typer.Option("--namespace", "-n")] = "default",
+                config: ConfigOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False) -> None:
+    """Settle an orphaned, failed or conflicting copy after checking the printer."""
+    _simple("job/resolve", {"namespace": namespace, "id": job_id, "copy": copy, "outcome": outcome}, config,
+            broker, as_json, lambda d: f"copy {copy} of {job_id}: {outcome}")
+
+
+@app.command()
+def demo(
+    nodes_: Annotated[int, typer.Option("--nodes", help="Node agents to start.")] = 3,
+    jobs_: Annotated[int, typer.Option("--jobs", help="Jobs to queue.")] = 12,
+    until_done: Annotated[bool, typer.Option("--until-done", help="Exit when every copy is printed.")] = False,
+    kill_host: Annotated[bool, typer.Option("--kill-host", help="kill -9 the broker host and arbiter "
+                                            "midway, to watch the farm recover.")] = False,
+    time_scale: Annotated[float, typer.Option("--time-scale", help="Simulated seconds per real second.")] = 120,
+    timeout: Annotated[float, typer.Option("--timeout", help="Give up after this many seconds.")] = 300,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a small farm on this machine (broker and zeroconf on 127.0.0.1, simulated printers) and show it."""
+    from node.demo import run_demo
+
+    result = _run(lambda: run_demo(nodes_, jobs_, until_done=until_done, kill_host=kill_host,
+                                   time_scale=time_scale, timeout=timeout, as_json=as_json))
+    if as_json:
+        print(json.dumps(result))
+    if result.get("lost") or result.get("double_starts") or (until_done and result.get("unfinished")):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
