@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from typing import Any
 
@@ -47,6 +48,10 @@ async def run_demo(n: int, jobs: int, *, until_done: bool, kill_host: bool, time
     console = Console(stderr=as_json)
     farm = ProcessFarm(n, time_scale=time_scale, timing=DEMO_TIMING)
     started = time.monotonic()
+    # SIGTERM (e.g. from `timeout`) must still stop the node processes: cancel, so `finally` runs.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     farm.start()
     client = None
     try:
