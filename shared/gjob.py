@@ -26,7 +26,7 @@ import stat
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO
@@ -77,7 +77,13 @@ def _any_material(value: tuple[str | None, ...]) -> tuple[str | None, ...]:
     return tuple(m or None for m in value)
 
 
-ArchivePath = Annotated[str, AfterValidator(check_archive_path)]
+def _gcode_path(name: str) -> str:
+    if check_archive_path(name) == MANIFEST_NAME:
+        raise ValueError(f"a set cannot be {MANIFEST_NAME}")
+    return name
+
+
+ArchivePath = Annotated[str, AfterValidator(_gcode_path)]
 Key = Annotated[str, Field(max_length=128)]
 Metadata = Annotated[JsonValue, AfterValidator(_check_metadata)]
 
@@ -199,7 +205,7 @@ class GjobFile:
     _source: bytes | Path
     _limits: GjobLimits
 
-    def iter_chunks(self, chunk_size: int = MiB) -> Iterator[bytes]:
+    def iter_chunks(self, chunk_size: int = MiB) -> Generator[bytes, None, None]:
         """Yield the entry's bytes; raise ArchiveError if it inflates past its limits or fails its CRC."""
         with _open_zip(self._source, self._limits) as zf:
             info = _lookup(zf, self.name)
@@ -363,12 +369,12 @@ def _check_entries(zf: zipfile.ZipFile, limits: GjobLimits) -> dict[str, zipfile
             raise ArchiveError(f"unsafe entry name {name!r}: {exc}") from exc
         if name in by_name:
             raise ArchiveError(f"duplicate entry {name!r}")
-        mode = info.external_attr >> 16
-        if info.create_system == 3 and mode:  # unix attributes: regular files and directories only
-            if stat.S_ISLNK(mode):
-                raise ArchiveError(f"entry {name!r} is a symbolic link")
-            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                raise ArchiveError(f"entry {name!r} is not a regular file")
+        # Unix attributes: regular files and directories only (no type bits at all counts as regular).
+        ftype = stat.S_IFMT(info.external_attr >> 16) if info.create_system == 3 else 0
+        if ftype == stat.S_IFLNK:
+            raise ArchiveError(f"entry {name!r} is a symbolic link")
+        if ftype not in (0, stat.S_IFREG, stat.S_IFDIR):
+            raise ArchiveError(f"entry {name!r} is not a regular file")
         if info.flag_bits & 0x1:
             raise ArchiveError(f"entry {name!r} is encrypted")
         if info.compress_type not in _ALLOWED_COMPRESSION:
@@ -426,7 +432,9 @@ def _stream_entry(
     except ArchiveError:
         raise
     except _ZIP_ERRORS as exc:
-        raise ArchiveError(f"entry {info.filename!r} is corrupt: {exc}") from exc
+        raise ArchiveError(
+            f"entry {info.filename!r} is corrupt or not what its header declares: {exc}"
+        ) from exc
     if done != info.file_size:
         raise ArchiveError(f"entry {info.filename!r} is {done} bytes, but declares {info.file_size}")
 
@@ -445,9 +453,12 @@ def _no_constant(name: str) -> Any:
 
 
 def _summarise(exc: ValidationError) -> str:
+    errors = exc.errors()
+    # A bad set also fails the "at least one set" rule; say only what is wrong with the set.
+    specific = [e for e in errors if e["type"] != "too_short"] or errors
     parts = []
-    for err in exc.errors()[:5]:
+    for err in specific[:5]:
         loc = ".".join(str(p) for p in err["loc"]) or "manifest"
         parts.append(f"{loc}: {err['msg']}")
-    more = exc.error_count() - len(parts)
+    more = len(specific) - len(parts)
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

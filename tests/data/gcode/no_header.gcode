@@ -1,0 +1,16 @@
+; hand-written test file: no slicer header
+G21
+G90
+G28
+G1 Z5 F600
+G1 X10 Y10
+G1 Z0.3
+G1 X50 Y10 E2 F1200
+G1 X50 Y50 E4
+G1 X10 Y50 E6
+G1 X10 Y10 E8
+G91
+G1 Z10
+G90
+G1 X0 Y180
+M84
