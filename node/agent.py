@@ -20,13 +20,16 @@ from node.consensus import Consensus, Role
 from node.files.fetch import fetch
 from node.files.http import FileServer
 from node.files.store import FileStore
+from node.homeassistant.publisher import HomeAssistantPublisher
 from node.link.base import Link, LinkOptions, Message, Will
 from node.link.mqtt import MqttLink
+from node.node_api import NodeApi
 from node.printers.base import PrinterDriver
 from node.replica import Replica
 from node.scheduling import make_chooser
 from node.worker import Worker
 from shared import PROTOCOL_VERSION
+from shared import protocol as P
 from shared.errors import ConfigError, FileStoreError, NetqError
 from shared.models import NodeState, WorkerState
 from shared.settings import Settings
@@ -74,6 +77,7 @@ class NodeAgent:
         self.lifecycle = Lifecycle.NEW
         self.nodes: dict[str, dict[str, Any]] = {}  # retained node states seen, by node id
         self._publish_scheduled = False
+        self._replicating: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self.on_stop: list[Callable[[], Any]] = []
 
@@ -107,11 +111,12 @@ class NodeAgent:
         self.consensus = Consensus(s, self.link, self.replica, is_broker_host=self._is_broker_host,
                                    may_bootstrap=self._may_bootstrap)
         self.arbiter = ArbiterServices(s, self.consensus, self.link, make_chooser(s), lambda: self.nodes,
-                                       clock=self._monotonic, wall=time.time)
+                                       clock=self._monotonic, wall=time.time, store=self.store)
         self.worker: Worker | None = None
         if self.printer is not None:
             self.worker = Worker(s, self.consensus, self.link, self.printer, self.ensure_file,
                                  self.schedule_publish)
+        self.consensus.direct_handlers.append(self._on_direct)
         self.link.subscribe(self.topics.node_state_filter, self._on_node_state)
         self.link.on_connection(self._on_connection)
         self.consensus.on_role.append(lambda _role: self.schedule_publish())
@@ -124,6 +129,9 @@ class NodeAgent:
                 log.warning("%s: printer not connected yet: %s", self.node_id, exc)
         if self.worker is not None:
             await self.worker.start()
+        self.node_api, self.homeassistant = NodeApi(self), HomeAssistantPublisher(self)
+        await self.node_api.start()
+        await self.homeassistant.start()
         await self.link.start()
         self._tasks.append(asyncio.create_task(self._refresh(), name=f"state-{self.node_id}"))
         self.lifecycle = Lifecycle.RUNNING
@@ -141,6 +149,8 @@ class NodeAgent:
                 await task
             except asyncio.CancelledError:
                 pass
+        await self.homeassistant.stop()
+        await self.node_api.stop()
         if self.worker is not None:
             await self.worker.stop()
         await self.arbiter.stop()
@@ -268,6 +278,24 @@ class NodeAgent:
             self.schedule_publish()
 
     # --- files -------------------------------------------------------------------------------------------
+    def _on_direct(self, m: Any) -> None:
+        if isinstance(m, P.Replicate) and m.sha256 not in self._replicating:
+            self._replicating.add(m.sha256)
+            task = asyncio.create_task(self._replicate(m), name=f"replicate-{m.sha256[:12]}")
+            self._tasks.append(task)
+            task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _replicate(self, m: P.Replicate) -> None:
+        """Fetch a file the arbiter wants on this node too, then say we hold it."""
+        try:
+            await self.ensure_file(m.sha256, list(m.holders), lambda done, total: None)
+        except NetqError as exc:
+            log.warning("%s: could not replicate %s: %s", self.node_id, m.sha256[:12], exc)
+            return
+        finally:
+            self._replicating.discard(m.sha256)
+        self.link.publish(self.topics.to_arbiter, P.encode(P.Holding(node=self.node_id, sha256=m.sha256)), qos=1)
+
     async def ensure_file(self, sha256: str, holders: list[str], progress: Callable[[int, int | None], None]) -> Path:
         """The local path of a G-code file, fetched from a holder (and hash-checked) if we lack it."""
         if self.store.has(sha256):

@@ -14,8 +14,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from node import job_from_url, node_api
 from node.consensus import Consensus, NotCommitted, Role
+from node.files.store import FileStore
 from node.link.base import Link, Message
+from node.replication import FileReplication
 from shared import api, claims
 from shared import protocol as P
 from shared.errors import RequestError
@@ -39,8 +42,11 @@ class ArbiterServices:
         nodes: Callable[[], dict[str, dict[str, Any]]],
         clock: Callable[[], float],
         wall: Callable[[], float],
+        store: FileStore | None = None,
     ) -> None:
         self.settings = settings
+        self.store = store  # where job/add downloads files given by URL
+        self._downloads: set[asyncio.Task[None]] = set()
         self.c = consensus
         self.link = link
         self.topics = Topics(settings.farm.base_topic)
@@ -53,7 +59,10 @@ class ArbiterServices:
         self.gone: set[str] = set()
         self.serving_since: float | None = None
         self.member_change_pending = False
+        self.replication = FileReplication(self)
+        self._inflight: set[str] = set()  # transactions accepted but not yet answered
         self._last_gc = 0.0
+        self._last_upkeep = 0.0
         self._task: asyncio.Task[None] | None = None
         consensus.to_arbiter_handlers.append(self._on_message)
         consensus.on_role.append(self._on_role)
@@ -65,6 +74,8 @@ class ArbiterServices:
         self._task = asyncio.create_task(self._ticker(), name=f"arbiter-{self.settings.node_id}")
 
     async def stop(self) -> None:
+        for task in list(self._downloads):
+            task.cancel()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -158,7 +169,15 @@ class ArbiterServices:
             "warning": warning, "version": _version(),
         }
 
+    def send_to(self, node: str, msg: P.Model) -> None:
+        self.link.publish(self.topics.to_node(node), P.encode(msg), qos=1)
+
     # --- commits -----------------------------------------------------------------------------------------
+    def commit(self, writes: list[Write], events: list[dict[str, Any]],
+               then: Callable[[BaseException | None], None] | None = None) -> None:
+        """Propose ``writes``; once committed publish them and ``events``; then call ``then``."""
+        self._commit(writes, events, then)
+
     def _commit(self, writes: list[Write], events: list[dict[str, Any]],
                 then: Callable[[BaseException | None], None] | None = None) -> None:
         fut = self.c.propose(writes)
@@ -184,6 +203,11 @@ class ArbiterServices:
         path = self.topics.request_path(msg.topic)
         if path is None or msg.retain or not self.active:
             return
+        if path in node_api.NODE_COMMANDS:  # answered by the addressed node; errors no node can answer here
+            error = node_api.routing_error(path, msg.payload, lambda n: n in self.c.members or n in self.nodes())
+            if error is not None:
+                self._respond(path, "error", {}, _peek_transaction(msg.payload), error)
+            return
         txn = _peek_transaction(msg.payload)
         try:
             body, txn = api.parse_envelope(path, msg.payload)
@@ -194,27 +218,74 @@ class ArbiterServices:
             handler = api.MUTATING.get(path)
             if handler is None:
                 raise RequestError(f"unknown request {path!r}; known: "
-                                   + ", ".join(sorted([*api.MUTATING, *api.READING, "node/retire"])))
+                                   + ", ".join(sorted([*api.MUTATING, *api.READING, *node_api.NODE_COMMANDS,
+                                                       "node/retire"])))
             if txn is not None:
                 stored = self.c.state.get(txn_key(txn))
                 if stored is not None and stored.get("path") == path:
                     self._respond(path, "ok", stored["data"], txn)  # a retry: applied once already
                     return
+                if txn in self._inflight:
+                    return  # a retry of a request still in progress: the first answer will do for both
+            if path == "job/add" and job_from_url.has_urls(body):
+                self._add_from_urls(msg.topic, body, txn)  # download first, then come back here
+                return
             outcome = handler(self.c.state, body, self._context())
         except RequestError as exc:
             self._respond(path, "error", {}, txn, str(exc))
             return
-        writes = list(outcome.writes)
         if txn is not None:
-            writes.append((txn_key(txn), {"path": path, "data": outcome.data, "ts": self.wall()}))
+            self._inflight.add(txn)
 
         def answer(exc: BaseException | None) -> None:
+            if txn is not None:
+                self._inflight.discard(txn)
             if exc is None:
                 self._respond(path, "ok", outcome.data, txn)
             else:
                 self._respond(path, "error", {}, txn, f"not committed ({exc}); retry with the same transaction")
 
-        self._commit(writes, outcome.events, answer)
+        def proceed(extra_holders: dict[str, list[str]]) -> None:
+            if not self.active:
+                answer(NotCommitted("this node stopped being the arbiter"))
+                return
+            writes = [_with_holders(k, v, extra_holders) for k, v in outcome.writes]
+            if txn is not None:
+                writes.append((txn_key(txn), {"path": path, "data": outcome.data, "ts": self.wall()}))
+            self._commit(writes, outcome.events, answer)
+
+        if path == "job/add":
+            # Acknowledge only once the job's files are on two nodes, so it survives the loss of either.
+            _, value = outcome.writes[0]
+            assert value is not None
+            self.replication.before_add(value, self.clock(), proceed)
+        else:
+            proceed({})
+
+    def _add_from_urls(self, topic: str, body: dict[str, Any], txn: str | None) -> None:
+        """Download the sets given by URL into our store, then handle the request as a plain job/add."""
+        if txn is not None:
+            self._inflight.add(txn)
+
+        async def download() -> None:
+            try:
+                resolved = await job_from_url.resolve(body, self.store, self.c.node_id)
+            except RequestError as exc:
+                self._respond("job/add", "error", {}, txn, str(exc))
+                return
+            finally:
+                if txn is not None:
+                    self._inflight.discard(txn)
+            if not self.active:
+                self._respond("job/add", "error", {}, txn, "the arbiter changed during the download; retry with "
+                                                           "the same transaction")
+                return
+            payload = dict(resolved, **({"transaction": txn} if txn is not None else {}))
+            self._on_request(Message(topic, json.dumps(payload).encode()))
+
+        task = asyncio.create_task(download(), name="job-add-download")
+        self._downloads.add(task)
+        task.add_done_callback(self._downloads.discard)
 
     def _context(self) -> api.Context:
         return api.Context(now=self.wall(), new_id=lambda: uuid.uuid4().hex[:12], nodes=self.nodes(),
@@ -246,6 +317,8 @@ class ArbiterServices:
                 self._commit(ch.writes, ch.events)
             elif isinstance(m, P.Join):
                 self._join(m)
+            elif isinstance(m, P.Holding):
+                self.replication.on_holding(m, self.clock())
         except RequestError as exc:
             # Usually a duplicate (a report resent before its commit was seen): harmless, so not loud.
             log.debug("refused %s from %s: %s", m.kind, node, exc)
@@ -273,6 +346,9 @@ class ArbiterServices:
             member = members.get(node)
             if member is None or member.witness or node in self.gone:
                 continue
+            st = self.nodes().get(node, {})
+            if st.get("accept_jobs") is False or st.get("worker") == "paused":
+                continue  # it said so after asking (node/accept_jobs, node/pause): its request is stale
             queue_ok = [ns for ns in req.namespaces] if req.namespaces else []
             result = claims.grant(self.c.state, node, req.capabilities, queue_ok, self.wall(),
                                   self.c.next_stamp(), self.choose)
@@ -303,6 +379,9 @@ class ArbiterServices:
     def tick(self, now: float) -> None:
         self._expire_leases(now)
         self._check_nodes(now)
+        if now - self._last_upkeep > 1.0:
+            self._last_upkeep = now
+            self.replication.tick(now)
         if now - self._last_gc > 60.0:
             self._last_gc = now
             self._collect_transactions()
@@ -370,6 +449,14 @@ class ArbiterServices:
                if k.startswith("txn/") and o.value is not None and o.value.get("ts", 0) < cutoff]
         if old:
             self._commit([(k, None) for k in old[:500]], [])
+
+
+def _with_holders(key: str, value: dict[str, Any] | None, extra: dict[str, list[str]]) -> Write:
+    if value is None or not extra:
+        return (key, value)
+    sets = [dict(s, holders=[*s["holders"], *[h for h in extra.get(s["sha256"], []) if h not in s["holders"]]])
+            for s in value["sets"]]
+    return (key, dict(value, sets=sets))
 
 
 def _peek_transaction(payload: bytes) -> str | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from node.link.base import LinkOptions, Message
@@ -21,8 +21,12 @@ Address = tuple[str, int]
 
 class FarmClient:
     def __init__(self, address: Address, *, base_topic: str = "netq", client_id: str | None = None,
-                 username: str | None = None, password: str | None = None) -> None:
+                 username: str | None = None, password: str | None = None,
+                 provider: Callable[[], Awaitable[Address]] | None = None) -> None:
+        """``provider``, when given, is asked for the broker's address on every (re)connect: the broker of an
+        embedded farm moves when its host dies."""
         self.address = address
+        self._provider = provider
         self.topics = Topics(base_topic)
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._subscribed: set[str] = set()
@@ -30,6 +34,8 @@ class FarmClient:
         self._watchers: list[Callable[[Message], None]] = []
 
         async def provider() -> Address:
+            if self._provider is not None:
+                self.address = await self._provider()
             return self.address
 
         self.link = MqttLink(provider, LinkOptions(client_id=client_id or f"netq-cli-{uuid.uuid4().hex[:8]}",

@@ -109,6 +109,7 @@ class Consensus:
         self.on_applied: list[Callable[[list[StoredObject], bool], None]] = []
         self.on_role: list[Callable[[Role], None]] = []
         self.to_arbiter_handlers: list[Callable[[Any], None]] = []
+        self.direct_handlers: list[Callable[[Any], None]] = []  # other messages addressed to this node
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -318,6 +319,9 @@ class Consensus:
             self._notify()
         elif isinstance(m, P.VoteReply):
             self._on_vote(m)
+        elif m is not None:
+            for handler in list(self.direct_handlers):
+                handler(m)
 
     # --- election ----------------------------------------------------------------------------------------
     def _hears_arbiter(self) -> bool:

@@ -195,7 +195,8 @@ class ProcessFarm:
         raise NetqError(f"no broker came up within {timeout:g}s\n{self.logs()}")
 
     async def client(self, timeout: float = 30.0, exclude: tuple[str, int] | None = None) -> FarmClient:
-        client = FarmClient(await self.broker_address(timeout, exclude))
+        """A client that follows the broker when it moves (it asks the live nodes on every reconnect)."""
+        client = FarmClient(await self.broker_address(timeout, exclude), provider=lambda: self.broker_address(timeout))
         await client.connect()
         return client
 

@@ -299,7 +299,10 @@ class Worker:
         last_sent = -1e9
         while True:
             copy = self._copy(held)
-            if copy is None or copy.state not in (CopyState.PRINTING, CopyState.ORPHANED):
+            # Only a committed end counts: our replica may hold an uncommitted entry (our own, as a deposed
+            # arbiter) that a new arbiter rolls back to printing, and then _recover would call it failed.
+            settled = held.key not in self.c.state.objects or self._committed(held.key)
+            if (copy is None or copy.state not in (CopyState.PRINTING, CopyState.ORPHANED)) and settled:
                 break
             if loop.time() - last_sent >= self.settings.timing.work_retry_s:
                 last_sent = loop.time()

@@ -143,9 +143,25 @@ class Release(Model):
     reason: str
 
 
+class Replicate(Model):
+    """Arbiter → node: fetch this file from its holders, so that it survives the loss of one node."""
+
+    kind: Literal["replicate"] = "replicate"
+    sha256: str
+    holders: list[NodeId]
+
+
+class Holding(Model):
+    """Node → arbiter: this node now holds (and serves) the file."""
+
+    kind: Literal["holding"] = "holding"
+    node: NodeId
+    sha256: str
+
+
 ProtoMessage = Annotated[
     Entry | Heartbeat | VoteRequest | VoteReply | Ack | SyncRequest | Snapshot | Join | WorkRequest
-    | StartRequest | FinishReport | Release,
+    | StartRequest | FinishReport | Release | Replicate | Holding,
     Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(ProtoMessage)
