@@ -102,6 +102,19 @@ class _BoundedReader(ReaderAdapter):  # type: ignore[misc]
             self._body_left = self._length
 
 
+class _Broker(Broker):  # type: ignore[misc]
+    """amqtt's broker, without its bug 1 (LIBRARIES.md): on connect it pushes to the new client the retained
+    messages matching *every* session's filters. A retained message is sent only for a filter that this
+    session itself holds, as MQTT 3.1.1 §3.3.1.3 says, so ``mosquitto_sub -C 1`` gets what it asked for."""
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Any) -> None:
+        topic_filter = subscription[0]
+        holders = self._subscriptions.get(topic_filter, [])
+        if not any(s.client_id == session.client_id for s, _ in holders):
+            return
+        await super()._publish_retained_messages_for_subscription(subscription, session)
+
+
 class EmbeddedBroker:
     """An amqtt broker listening on ``host:port`` (port 0: any free port), for one run."""
 
@@ -167,7 +180,7 @@ class EmbeddedBroker:
                 self._accept, self._host, self._port, reuse_address=True, start_serving=False
             )
             port = self._server.sockets[0].getsockname()[1]
-            self._broker = Broker(self.config(port))
+            self._broker = _Broker(self.config(port))
             await self._broker.start()
             await self._server.start_serving()
         except Exception as exc:  # amqtt raises errors of several unrelated trees (config: dacite)
