@@ -300,6 +300,7 @@ class ArbiterServices:
             self.gone.discard(node)
             log.info("%s is back", node)
         try:
+            log.debug("arbiter got %s from %s", m.kind, node)
             if isinstance(m, P.WorkRequest):
                 self.waiting[m.node] = m
                 self._dispatch()

@@ -91,11 +91,11 @@ def run(
     from node.agent import NodeAgent
     from node.config import load_settings
 
-    logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if verbose > 0 else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if verbose == 0:
-        logging.getLogger("amqtt").setLevel(logging.WARNING)
-        logging.getLogger("transitions").setLevel(logging.WARNING)
+    if verbose < 2:  # the libraries are chatty: their debug output only with -vv
+        for name in ("amqtt", "transitions", "aiohttp", "zeroconf", "node.link.mqtt.paho", "asyncio"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     flags: dict[str, Any] = {"node_id": node_id, "data_dir": str(data_dir) if data_dir else None,
                              "broker.url": broker, "broker.interfaces": interface}
     if witness:

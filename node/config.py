@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from shared.errors import ConfigError
 from shared.settings import Settings
@@ -30,10 +30,16 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     """``NETQ_NODE_ID=a`` → ``node_id``; ``NETQ_BROKER__URL=...`` → ``broker.url`` (values parsed as TOML)."""
     out: dict[str, Any] = {}
+    fields = Settings.model_fields
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == "NETQ_CONFIG":
+        if not name.startswith(ENV_PREFIX):
             continue
         path = name[len(ENV_PREFIX):].lower().split("__")
+        # Only names that spell a setting: NETQ_NODE_ID, NETQ_BROKER__URL. Others (NETQ_CONFIG, NETQ_BROKER
+        # for the CLI's --broker) belong to someone else.
+        sectioned = isinstance(fields.get(path[0]) and fields[path[0]].default, BaseModel)
+        if path[0] not in fields or (len(path) == 1) == sectioned:
+            continue
         try:
             value: Any = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:

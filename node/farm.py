@@ -133,7 +133,8 @@ class ProcessFarm:
         (node.data_dir / "runtime.json").unlink(missing_ok=True)
         log = node.log_path.open("ab")
         node.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "run", "--config", str(node.config_path)],
+            [sys.executable, "-m", "node.cli", "run", "--config", str(node.config_path),
+             *(["-v"] if os.environ.get("NETQFARM_DEBUG") else [])],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
             start_new_session=True,
         )

@@ -80,6 +80,7 @@ class Worker:
         self._bed_cleared = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_request = -1e9
+        self._requested_term = -1
         consensus.listeners.append(self._wake.set)
 
     # --- lifecycle ---------------------------------------------------------------------------------------
@@ -174,7 +175,9 @@ class Worker:
         if mine is not None:
             job, copy = mine
             held = Held.of(job, copy)
-            if copy.state == CopyState.CLAIMED and self._committed(held.key):
+            if copy.state == CopyState.CLAIMED:
+                # No need to wait for the grant's commit: the start we ask for is a later entry of the same
+                # log, so its commit implies the grant's. The printer waits for *that* commit.
                 await self._take(held, job)
                 return
             if copy.state in (CopyState.PRINTING, CopyState.ORPHANED) and self.current is None:
@@ -185,6 +188,8 @@ class Worker:
         await self._idle(status.state)
 
     async def _idle(self, printer_state: PrinterState) -> None:
+        if self.state not in (WorkerState.IDLE, WorkerState.REQUESTING):
+            self._requested_term = -1  # back from an error or a pause: ask at once
         self.current = None
         self.progress = None
         if printer_state != PrinterState.READY:
@@ -203,8 +208,12 @@ class Worker:
         else:
             self._set(WorkerState.REQUESTING)
             now = asyncio.get_running_loop().time()
-            if now - self._last_request >= self.settings.timing.work_retry_s:
+            # The arbiter keeps our request until it has work for us: ask again only when the arbiter changed,
+            # or now and then in case the request was lost.
+            term = self.c.term
+            if term != self._requested_term or now - self._last_request >= 5 * self.settings.timing.work_retry_s:
                 self._last_request = now
+                self._requested_term = term
                 self._send(P.WorkRequest(node=self.node_id, capabilities=self.capabilities,
                                          namespaces=list(self.settings.worker.namespaces)))
         await self._wait(self.settings.timing.work_retry_s)
@@ -312,6 +321,7 @@ class Worker:
             await self._wait(self.settings.timing.work_retry_s)
         self.current = None
         self.progress = None
+        self._requested_term = -1  # the arbiter dropped our request when it granted: ask again when idle
 
     async def _clear_bed(self) -> None:
         p = self.settings.printer
