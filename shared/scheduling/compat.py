@@ -81,10 +81,12 @@ def compatible(printer: PrinterView, copy: CopyView, *, consider_loaded: bool = 
     if copy.need_tools > printer.tools:
         return Compat(False, f"uses {copy.need_tools} tools, printer has {printer.tools}")
     if printer.can_types and not copy.need_types <= printer.can_types:
-        missing = sorted(copy.need_types - printer.can_types)
+        missing = sorted(
+            {m.type for p in copy.sets for m in p.materials if m and m.type and m.key[0] not in printer.can_types}
+        )
         return Compat(False, f"needs {', '.join(missing)}, which this printer does not print")
     if not copy.need_tags <= printer.has_tags:
-        missing = sorted(copy.need_tags - printer.has_tags)
+        missing = sorted(t for t in copy.tags if t.strip().casefold() not in printer.has_tags)
         return Compat(False, f"needs printer tag{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     if consider_loaded and not printer.allow_swaps and not _loaded_ok(printer, copy):
         wanted = "; ".join(

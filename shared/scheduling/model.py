@@ -109,6 +109,7 @@ class CopyView:
     work_s: float = field(init=False, repr=False, compare=False)
     prints: int = field(init=False, repr=False, compare=False)
     longest_print_s: float = field(init=False, repr=False, compare=False)
+    last_print_s: float = field(init=False, repr=False, compare=False)
     need_profiles: frozenset[str] | None = field(init=False, repr=False, compare=False)
     need_nozzles: frozenset[float] = field(init=False, repr=False, compare=False)
     need_extents: tuple[float, float, float] = field(init=False, repr=False, compare=False)
@@ -126,6 +127,7 @@ class CopyView:
         s(self, "work_s", sum(p.duration_s * p.count for p in self.sets))
         s(self, "prints", sum(p.count for p in self.sets))
         s(self, "longest_print_s", max(p.duration_s for p in self.sets))
+        s(self, "last_print_s", self.sets[-1].duration_s)
         profiles: frozenset[str] | None = None
         for p in self.sets:
             if p.profiles:
@@ -154,10 +156,10 @@ class CopyView:
                 if mat is None or mat.key == (None, None):
                     continue
                 if current[tool] is None:
-                    first[tool] = mat.key
+                    first[tool] = current[tool] = mat.key
                 elif not satisfies(current[tool], mat.key):
                     swaps_here += 1
-                current[tool] = mat.key
+                    current[tool] = mat.key
             inner += swaps_here
             steps.append((swaps_here, p.duration_s, p.count))
         s(self, "first_materials", tuple(first))

@@ -188,6 +188,19 @@ class OperatorSchedule:
                 return math.inf
         return end
 
+    def windows(self, start: float, end: float) -> list[tuple[float, float]]:
+        """The stretches of ``[start, end)`` with an operator present, in order (the last may run past
+        ``end``)."""
+        out: list[tuple[float, float]] = []
+        t = self.next_available(start)
+        while t < end:
+            until = self.available_until(t)
+            out.append((t, until))
+            if math.isinf(until):
+                break
+            t = self.next_available(until)
+        return out
+
     def gaps(self, start: float, end: float) -> Iterator[tuple[float, float]]:
         """The stretches of ``[start, end)`` with no operator present, in order."""
         t = start

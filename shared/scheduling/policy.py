@@ -1,35 +1,40 @@
 """Which queued copy a printer that asks for work should print next.
 
-:func:`choose` is a pure function of the printer, the queued copies, ``now`` and the parameters (and,
-optionally, the farm's printers). It never returns a copy the printer cannot print, never returns a copy
-that was not among the candidates, and returns ``None`` only when no candidate fits: a printer that can
-work is never held idle. The rule, in order:
+:func:`choose` is a pure function of the printer, the queued copies, ``now``, the parameters and, optionally,
+the farm's printers. It never returns a copy the printer cannot print or that was not among the candidates,
+and it returns ``None`` only when no candidate fits: a printer that can work is never held idle. The rule:
 
 1. **Filter.** Only copies in a namespace the printer serves and that it can print
    (:func:`shared.scheduling.compat.make_filter`).
 2. **Overdue first.** A copy that has waited ``max_wait_s`` or longer is overdue. If any fit, the printer
-   gets the oldest (earliest ``enqueued_at``, then rank, job id, copy), whatever else is queued. This bounds
-   the wait: once a copy is overdue, each request from a printer that can print it grants it or an older
-   copy, and there are finitely many older copies.
-3. **Namespace order, then priority.** Otherwise the printer's first namespace with a fitting copy, and in
-   it the highest user priority, are strict.
-4. **Least cost.** Among those, the copy of least cost, in seconds of printer time::
+   gets one of them, whatever else is queued: the cheapest (step 4) of those queued no later than
+   ``overdue_window_s`` after the oldest. This bounds every wait: while a copy ``c`` is overdue, each grant
+   to a printer that could print it goes to a copy queued no later than ``overdue_window_s`` after ``c``,
+   and there are finitely many of those (see ``docs/scheduling.md`` for the bound).
+3. **Priority.** Otherwise, only the copies of the highest user priority among those that fit.
+4. **Least cost**, in seconds of printer time::
 
-       cost = swaps × swap_cost_s + operator_wait − aging_weight × waited − length_weight × work
-              + flexibility_cost_s × (printers that could print it − 1) / (printers − 1)
+       cost = swap_cost_s × swaps                      material changes, to start it and between its sets
+            + operator wait                            printer idle, waiting for an operator (shifts)
+            + namespace_cost_s × namespace position    0 for the printer's first namespace
+            − aging_weight × time waited
+            − length_weight × print time               longest first (not on printers that need an operator
+                                                       between prints under shifts)
+            − end_weight × (print time − queued work per printer), when positive      [needs the farm]
+            + flexibility_cost_s × (printers able − 1) / (printers − 1)               [needs the farm]
 
-   ``swaps`` counts tool material changes (to start it, and between its sets); ``operator_wait`` is the time
-   the printer would stand waiting for an operator (swaps, and bed clearing on printers that do not clear
-   themselves) given the operator schedule; the last term needs the farm. Ties go to queue rank, then age.
+   Ties go to queue rank, then to the oldest, then to job id and copy index.
 """
 
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections.abc import Hashable, Sequence
 
 from .compat import make_filter
 from .model import Choice, CopyView, PrinterView, satisfies
+from .operators import OperatorSchedule
 from .params import HOUR, SchedulerParams
 
 
@@ -77,44 +82,65 @@ def operator_wait_s(printer: PrinterView, copy: CopyView, now: float, params: Sc
 
     ``swaps`` are the changes needed before the first set. Counts the wait for swaps and, on printers that do
     not clear their own bed, for clearing after each print (the last one included: the printer cannot start
-    anything else until it is cleared). The operator's own working time is not counted here.
+    anything else until it is cleared). The operator's own working time is not counted here, and operators
+    are assumed free whenever on shift.
     """
-    op = printer.operator
-    if op.is_always:
+    if printer.operator.is_always:
         return 0.0
-    self_clearing = printer.self_clearing
-    if self_clearing and not swaps and not copy.inner_swaps:
-        return 0.0
-    clear = params.self_clear_s if self_clearing else params.clear_s
-    span = copy.work_s + (swaps + copy.inner_swaps) * params.swap_s + copy.prints * clear
-    if op.available_until(now) >= now + span:
-        return 0.0
-    t = now
-    waited = 0.0
-    if swaps:
-        resume = op.next_available(t)
-        waited += resume - t
-        t = resume + swaps * params.swap_s
-    for inner, duration, count in copy.steps:
-        if inner:
-            resume = op.next_available(t)
-            waited += resume - t
-            t = resume + inner * params.swap_s
-        if self_clearing:
-            t += count * (duration + clear)
-            continue
-        for _ in range(count):
-            t += duration
-            resume = op.next_available(t)
-            waited += resume - t
-            t = resume + clear
-        if math.isinf(waited):
-            break
-    return waited
+    return _OperatorClock(printer.operator, now).wait(printer, copy, params, swaps)
 
 
-def _age_key(copy: CopyView) -> tuple[float, int, str, int]:
-    return copy.enqueued_at, copy.rank, copy.job_id, copy.copy
+class _OperatorClock:
+    """The operator's presence from ``now`` on, unrolled into absolute windows so that each step of the
+    estimate is one bisection."""
+
+    _HORIZON_S = 28 * 86_400
+
+    def __init__(self, schedule: OperatorSchedule, now: float) -> None:
+        self.schedule = schedule
+        self.now = now
+        windows = schedule.windows(now, now + self._HORIZON_S)
+        self.starts = [a for a, _ in windows]
+        self.ends = [b for _, b in windows]
+        self.shift_end = self.ends[0] if windows and self.starts[0] <= now else now
+
+    def next_available(self, t: float) -> float:
+        i = bisect_right(self.ends, t)
+        if i == len(self.ends):
+            return self.schedule.next_available(t)
+        start = self.starts[i]
+        return max(t, start)
+
+    def wait(self, printer: PrinterView, copy: CopyView, params: SchedulerParams, swaps: int) -> float:
+        self_clearing = printer.self_clearing
+        if self_clearing and not swaps and not copy.inner_swaps:
+            return 0.0
+        clear = params.self_clear_s if self_clearing else params.clear_s
+        t = self.now
+        if t + copy.work_s + (swaps + copy.inner_swaps) * params.swap_s + copy.prints * clear <= self.shift_end:
+            return 0.0
+        next_available = self.next_available
+        waited = 0.0
+        if swaps:
+            resume = next_available(t)
+            waited += resume - t
+            t = resume + swaps * params.swap_s
+        for inner, duration, count in copy.steps:
+            if inner:
+                resume = next_available(t)
+                waited += resume - t
+                t = resume + inner * params.swap_s
+            if self_clearing:
+                t += count * (duration + clear)
+                continue
+            for _ in range(count):
+                t += duration
+                resume = next_available(t)
+                waited += resume - t
+                t = resume + clear
+            if math.isinf(waited):
+                break
+        return waited
 
 
 def choose(
@@ -126,55 +152,60 @@ def choose(
 ) -> Choice | None:
     """The copy ``printer`` should print next, or ``None`` if it can print none of ``candidates``.
 
-    ``candidates`` are the queued copies (granted, started and finished ones must not be passed).
-    ``farm``, if given, holds the printers that could take work now, the asking one included.
+    ``candidates`` are all queued copies (not the granted, printing or finished ones); the ones the printer
+    cannot print are skipped, and their work counts in the queue's length. ``farm``, if given, holds the
+    printers that could take work now, the asking one included.
     """
     fits = make_filter(printer)
     ns_rank = printer.ns_rank
     overdue_at = now - params.max_wait_s
-    oldest: CopyView | None = None
-    oldest_key: tuple[float, int, str, int] | None = None
-    top: tuple[int, int] | None = None
+    overdue: list[CopyView] = []
+    oldest_at = math.inf
+    top: int | None = None
     pool: list[CopyView] = []
+    queued_work = 0.0
     for copy in candidates:
+        queued_work += copy.work_s
         rank = ns_rank.get(copy.namespace)
         if rank is None or not fits(copy):
             continue
         if copy.enqueued_at <= overdue_at:
-            key = _age_key(copy)
-            if oldest_key is None or key < oldest_key:
-                oldest, oldest_key = copy, key
+            overdue.append(copy)
+            oldest_at = min(oldest_at, copy.enqueued_at)
+        elif overdue:
             continue
-        if oldest is not None:
-            continue
-        tier = (rank, -copy.priority)
-        if top is None or tier < top:
-            top = tier
+        elif top is None or copy.priority > top:
+            top = copy.priority
             pool = [copy]
-        elif tier == top:
+        elif copy.priority == top:
             pool.append(copy)
-
-    if oldest is not None:
-        swaps = first_swaps(printer, oldest)
-        waited_h = (now - oldest.enqueued_at) / HOUR
-        return Choice(
-            oldest,
-            swaps + oldest.inner_swaps,
-            operator_wait_s(printer, oldest, now, params, swaps),
-            overdue=True,
-            reason=f"overdue: waited {waited_h:.1f} h (bound {params.max_wait_s / HOUR:g} h), oldest first",
-        )
+    if overdue:
+        # The oldest overdue copy, or one queued at most overdue_window_s after it: every grant made while a
+        # copy is overdue goes to a copy queued no later than overdue_window_s after it, so its wait is bounded.
+        horizon = oldest_at + params.overdue_window_s
+        pool = [copy for copy in overdue if copy.enqueued_at <= horizon]
     if not pool:
         return None
 
     loaded = printer.loaded_keys
     swap_cost = params.swap_cost_s
+    ns_cost = params.namespace_cost_s
     aging = params.aging_weight
-    length = params.length_weight
+    needs_op = not printer.operator.is_always
+    clock = _OperatorClock(printer.operator, now) if needs_op else None
+    waits: dict[tuple[int, int, tuple[tuple[int, float, int], ...]], float] = {}
+    # A printer that needs an operator between prints, under a shift schedule, does not take the longest
+    # copies first: long prints are worth most at the end of a shift, where the operator-wait term puts them.
+    length = 0.0 if needs_op and not printer.self_clearing else params.length_weight
     flex_unit = 0.0
+    eligible = None
     if farm is not None and len(farm) > 1 and params.flexibility_cost_s:
         flex_unit = params.flexibility_cost_s / (len(farm) - 1)
-    needs_op = not printer.operator.is_always
+        eligible = farm.eligible
+    # With the farm known, a copy longer than the queue's work per printer would end after everything else:
+    # each second it would stretch the end of the queue weighs end_weight.
+    end_weight = params.end_weight if farm is not None and len(farm) else 0.0
+    per_printer = queued_work / len(farm) if farm is not None and end_weight else 0.0
     best: CopyView | None = None
     best_key: tuple[float, int, float, str, int] | None = None
     best_swaps = 0
@@ -183,23 +214,40 @@ def choose(
         for t, need in enumerate(copy.first_materials):
             if need is not None and not satisfies(loaded[t], need):
                 swaps += 1
-        cost = (swaps + copy.inner_swaps) * swap_cost - aging * (now - copy.enqueued_at) - length * copy.work_s
+        cost = (
+            (swaps + copy.inner_swaps) * swap_cost
+            + ns_cost * ns_rank[copy.namespace]
+            - aging * (now - copy.enqueued_at)
+            - length * copy.work_s
+        )
         if needs_op:
-            cost += operator_wait_s(printer, copy, now, params, swaps)
-        if flex_unit:
-            cost += flex_unit * (farm.eligible(copy) - 1)  # type: ignore[union-attr]
+            # Copies of one job share their steps: estimate each (swaps, steps) once per request.
+            timeline = (swaps, copy.inner_swaps, copy.steps)
+            wait = waits.get(timeline)
+            if wait is None:
+                assert clock is not None
+                wait = waits[timeline] = clock.wait(printer, copy, params, swaps)
+            cost += wait
+        if end_weight and copy.work_s > per_printer:
+            cost -= end_weight * (copy.work_s - per_printer)
+        if eligible is not None:
+            cost += flex_unit * (eligible(copy) - 1)
         key = (cost, copy.rank, copy.enqueued_at, copy.job_id, copy.copy)
         if best_key is None or key < best_key:
             best, best_key, best_swaps = copy, key, swaps
     assert best is not None
-    op_wait = operator_wait_s(printer, best, now, params, best_swaps)
-    parts = [f"namespace {best.namespace!r}"]
-    if len(printer.namespaces) > 1:
-        parts[0] += f" (#{ns_rank[best.namespace] + 1} of {len(printer.namespaces)} for this printer)"
-    parts.append(f"priority {best.priority}")
+    op_wait = clock.wait(printer, best, params, best_swaps) if clock is not None else 0.0
     total_swaps = best_swaps + best.inner_swaps
+    waited_h = (now - best.enqueued_at) / HOUR
+    if overdue:
+        parts = [f"overdue: waited {waited_h:.1f} h (bound {params.max_wait_s / HOUR:g} h), among the oldest"]
+    else:
+        parts = [f"namespace {best.namespace!r}"]
+        if len(printer.namespaces) > 1:
+            parts[0] += f" (#{ns_rank[best.namespace] + 1} of {len(printer.namespaces)} for this printer)"
+        parts.append(f"priority {best.priority}")
+        parts.append(f"waited {waited_h:.1f} h")
     parts.append("loaded material fits" if not total_swaps else f"{total_swaps} material swap(s)")
     if op_wait:
         parts.append(f"about {op_wait / HOUR:.1f} h waiting for an operator")
-    parts.append(f"waited {(now - best.enqueued_at) / HOUR:.1f} h")
-    return Choice(best, total_swaps, op_wait, overdue=False, reason="; ".join(parts))
+    return Choice(best, total_swaps, op_wait, overdue=bool(overdue), reason="; ".join(parts))

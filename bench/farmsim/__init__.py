@@ -1,0 +1,1 @@
+"""Workloads for the farm simulator (:mod:`shared.scheduling.sim`) that ``bench/scheduler.py`` measures."""
