@@ -61,7 +61,8 @@ async def discover_broker(interfaces: Sequence[str] | None, timeout: float = 4.0
     try:
         while loop.time() < deadline:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(found.wait(), max(0.05, deadline - loop.time()))
+                async with asyncio.timeout(max(0.05, deadline - loop.time())):
+                    await found.wait()
             found.clear()
             # A crashed host's record lingers: the broker that answers is the one in use.
             for advert in sorted(adverts.values(), key=lambda a: (-a.priority, a.node_id)):

@@ -26,7 +26,7 @@ from node.link.mqtt import MqttLink
 from node.node_api import NodeApi
 from node.printers.base import PrinterDriver
 from node.replica import Replica
-from node.scheduling import make_chooser
+from node.scheduling import Scheduling
 from node.worker import Worker
 from shared import PROTOCOL_VERSION
 from shared import protocol as P
@@ -110,7 +110,7 @@ class NodeAgent:
             self.printer = make_printer(s)
         self.consensus = Consensus(s, self.link, self.replica, is_broker_host=self._is_broker_host,
                                    may_bootstrap=self._may_bootstrap)
-        self.arbiter = ArbiterServices(s, self.consensus, self.link, make_chooser(s), lambda: self.nodes,
+        self.arbiter = ArbiterServices(s, self.consensus, self.link, Scheduling(s), lambda: self.nodes,
                                        clock=self._monotonic, wall=time.time, store=self.store)
         self.worker: Worker | None = None
         if self.printer is not None:

@@ -19,6 +19,7 @@ from node.consensus import Consensus, NotCommitted, Role
 from node.files.store import FileStore
 from node.link.base import Link, Message
 from node.replication import FileReplication
+from node.scheduling import Scheduling
 from shared import api, claims
 from shared import protocol as P
 from shared.errors import RequestError
@@ -38,7 +39,7 @@ class ArbiterServices:
         settings: Settings,
         consensus: Consensus,
         link: Link,
-        choose: claims.Chooser,
+        scheduling: Scheduling,
         nodes: Callable[[], dict[str, dict[str, Any]]],
         clock: Callable[[], float],
         wall: Callable[[], float],
@@ -50,7 +51,8 @@ class ArbiterServices:
         self.c = consensus
         self.link = link
         self.topics = Topics(settings.farm.base_topic)
-        self.choose = choose
+        self.scheduling = scheduling
+        self.choose = scheduling.chooser()
         self.nodes = nodes
         self.clock = clock  # monotonic: leases and liveness
         self.wall = wall  # wall clock: timestamps people read
@@ -288,8 +290,15 @@ class ArbiterServices:
         task.add_done_callback(self._downloads.discard)
 
     def _context(self) -> api.Context:
-        return api.Context(now=self.wall(), new_id=lambda: uuid.uuid4().hex[:12], nodes=self.nodes(),
-                           info=self.info())
+        nodes = self.nodes()
+        members = list(self.c.members)
+        return api.Context(
+            now=self.wall(), new_id=lambda: uuid.uuid4().hex[:12], nodes=nodes, info=self.info(),
+            unprintable=lambda job: self.scheduling.why_unprintable(
+                job, self.scheduling.printers(nodes, members, online_only=False)),
+            waiting_reason=lambda job: self.scheduling.why_unprintable(
+                job, self.scheduling.printers(nodes, members, online_only=True)),
+        )
 
     # --- members' protocol messages ----------------------------------------------------------------------
     def _on_message(self, m: Any) -> None:

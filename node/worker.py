@@ -119,8 +119,11 @@ class Worker:
             self.on_state()
 
     async def _wait(self, timeout: float) -> None:
+        # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that races with the
+        # event being set, and then stop() would wait for this loop forever.
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
         except TimeoutError:
             pass
         self._wake.clear()

@@ -96,6 +96,10 @@ class Context:
     new_id: Callable[[], str]
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)  # node_id -> NodeState dump
     info: dict[str, Any] = field(default_factory=dict)  # arbiter, term, commit, safety, ...
+    # Why no *enrolled* printer can print a job (refused at submission), and why no *online* one can (it
+    # waits, and says so); None when one can, or when no printer is known.
+    unprintable: Callable[[Job], str | None] = lambda job: None
+    waiting_reason: Callable[[Job], str | None] = lambda job: None
 
 
 @dataclass
@@ -105,12 +109,19 @@ class Outcome:
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
-# Single-parameter requests accept a bare value in place of the object: (model, field name).
+# Single-parameter requests accept a bare value in place of the object: path -> the field it fills.
+# (job/remove also takes an optional namespace, default "default".) Requests without parameters (node/list,
+# health_check) take an empty payload.
 _BARE: dict[str, str] = {
     "queue/list": "namespace",
     "queue/pause": "namespace",
     "queue/resume": "namespace",
     "job/remove": "id",
+    # answered by the addressed node (node/node_api.py)
+    "node/bed_cleared": "node",
+    "node/pause": "node",
+    "node/resume": "node",
+    "node/release": "node",
 }
 
 
@@ -132,8 +143,9 @@ def parse_envelope(path: str, payload: bytes) -> tuple[dict[str, Any], str | Non
             else:
                 raise RequestError(f"payload is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
-        if path in _BARE and isinstance(raw, (str, int)):
-            raw = {_BARE[path]: raw}
+        if path in _BARE and not isinstance(raw, list):
+            # A bare value is text: `-m 42` names job "42", not the number 42.
+            raw = {_BARE[path]: raw if isinstance(raw, str) else payload.decode().strip()}
         else:
             raise RequestError("payload must be a JSON object")
     txn = raw.pop("transaction", None)
@@ -204,6 +216,9 @@ def job_add(state: FarmState, body: dict[str, Any], ctx: Context) -> Outcome:
         tags=req.tags,
         copies=[JobCopy(index=i) for i in range(req.count)],
     )
+    reason = ctx.unprintable(job)
+    if reason is not None:
+        raise RequestError(f"no printer of the farm can print this job: {reason}")
     return Outcome(
         data={"id": job_id, "namespace": req.namespace, "copies": req.count},
         writes=[(key, job.model_dump(mode="json"))],
@@ -307,7 +322,14 @@ def job_resolve(state: FarmState, body: dict[str, Any], ctx: Context) -> Outcome
 
 def queue_list(state: FarmState, body: dict[str, Any], ctx: Context) -> Outcome:
     req: QueueList = _model(QueueList, body)
-    jobs = [job_view(j) for j in state.jobs(req.namespace) if req.include_done or not j.done]
+    jobs = []
+    for j in state.jobs(req.namespace):
+        if not req.include_done and j.done:
+            continue
+        view = job_view(j)
+        if view["state"] == CopyState.QUEUED.value:
+            view["waiting"] = "queue paused" if state.queue(j.namespace).paused else ctx.waiting_reason(j)
+        jobs.append(view)
     queues = {ns: state.queue(ns).model_dump(mode="json") for ns in state.namespaces()}
     return Outcome(data={"jobs": jobs, "queues": queues})
 

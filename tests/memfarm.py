@@ -17,7 +17,7 @@ from node.link.base import LinkOptions, Message, Will
 from node.link.memory import MemoryBroker, MemoryLink
 from node.printers.simulated import SimulatedPrinter
 from node.replica import Replica
-from node.scheduling import make_chooser
+from node.scheduling import Scheduling
 from node.worker import Worker
 from shared.settings import Settings, TimingSettings
 from shared.topics import Topics
@@ -70,7 +70,7 @@ class MemNode:
             self.settings,
             self.consensus,
             self.link,
-            make_chooser(self.settings),
+            Scheduling(self.settings),
             lambda: self.farm.node_states,
             clock=lambda: asyncio.get_running_loop().time(),
             wall=time.time,
