@@ -38,6 +38,7 @@ from shared.topics import Topics
 log = logging.getLogger(__name__)
 
 STATE_REFRESH_S = 5.0
+PROGRESS_EVERY_S = 2.0
 
 
 class Lifecycle(enum.StrEnum):
@@ -77,6 +78,9 @@ class NodeAgent:
         self.lifecycle = Lifecycle.NEW
         self.nodes: dict[str, dict[str, Any]] = {}  # retained node states seen, by node id
         self._publish_scheduled = False
+        self._last_essence: dict[str, Any] | None = None
+        self._last_publish = -1e9
+        self._progress_pending = False
         self._replicating: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self.on_stop: list[Callable[[], Any]] = []
@@ -230,13 +234,30 @@ class NodeAgent:
         asyncio.get_running_loop().call_soon(self._publish_state)
 
     def _publish_state(self) -> None:
+        """Publish the retained node state: at once when something but progress changed, else (progress alone)
+        at most every PROGRESS_EVERY_S, since every node and Home Assistant receive each publication."""
         self._publish_scheduled = False
         if self.lifecycle not in (Lifecycle.RUNNING, Lifecycle.STARTING):
             return
         state = self.node_state()
-        self.nodes[self.node_id] = state.model_dump(mode="json")
+        dump = state.model_dump(mode="json")
+        essence = {k: v for k, v in dump.items() if k not in ("progress", "ts")}
+        now = self._monotonic()
+        if essence == self._last_essence and now - self._last_publish < PROGRESS_EVERY_S:
+            if not self._progress_pending:
+                self._progress_pending = True
+                asyncio.get_running_loop().call_later(PROGRESS_EVERY_S - (now - self._last_publish),
+                                                      self._publish_progress)
+            return
+        self._last_essence, self._last_publish = essence, now
+        self.nodes[self.node_id] = dump
         self.link.publish(self.topics.node_state(self.node_id), state.model_dump_json().encode(), qos=1,
                           retain=True)
+
+    def _publish_progress(self) -> None:
+        self._progress_pending = False
+        self._last_essence = None  # force it out
+        self._publish_state()
 
     def _on_connection(self, connected: bool) -> None:
         if connected:

@@ -102,6 +102,7 @@ class Consensus:
         self._last_sync = -1e9
         self._last_join = -1e9
         self._ack_scheduled = False
+        self._last_ack = -1e9
         self._hb_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
         # Observers: called after state, commit or role changed (the worker, the arbiter services, the view).
@@ -217,7 +218,10 @@ class Consensus:
         self._learn_commit(hb.term, hb.commit)
         if self.applied[0] < hb.term or self.applied[1] < hb.seq:
             self._request_sync()
-        self._schedule_ack()
+        # Entries are acknowledged as they arrive; a heartbeat needs an ack only now and then, as a sign of life
+        # (every member acking every heartbeat would be the arbiter's busiest traffic).
+        if self._clock() - self._last_ack >= self.settings.timing.node_timeout_s / 4:
+            self._schedule_ack()
         if not self.is_member:
             self._request_join()
         self._notify()
@@ -282,6 +286,7 @@ class Consensus:
         self._ack_scheduled = False
         if self.role == Role.ARBITER:
             return
+        self._last_ack = self._clock()
         term, seq = self.applied
         if term == self.term:
             self._publish(self.topics.to_arbiter, P.Ack(node=self.node_id, term=term, seq=seq))
