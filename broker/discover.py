@@ -12,20 +12,10 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from broker.advert import SERVICE_TYPE, advert_from_properties
 from broker.choice import Address, Advert
+from broker.host import tcp_reachable
 from shared.errors import BrokerError, ProtocolError
 
 log = logging.getLogger(__name__)
-
-
-async def _reachable(address: Address, timeout: float) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(*address), timeout)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
 
 
 async def discover_broker(interfaces: Sequence[str] | None, timeout: float = 4.0,
@@ -67,7 +57,7 @@ async def discover_broker(interfaces: Sequence[str] | None, timeout: float = 4.0
             # A crashed host's record lingers: the broker that answers is the one in use.
             for advert in sorted(adverts.values(), key=lambda a: (-a.priority, a.node_id)):
                 assert advert.broker is not None
-                if await _reachable(advert.broker, 1.0):
+                if await tcp_reachable(advert.broker, 1.0):
                     return advert.broker
     finally:
         await browser.async_cancel()

@@ -168,15 +168,20 @@ class _Probes:
         return dict(self._ok)
 
     async def _probe(self, address: Address) -> bool:
-        try:
-            async with asyncio.timeout(self._timeout):
-                _, writer = await asyncio.open_connection(*address)
-        except (OSError, TimeoutError):
-            return False
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return True
+        return await tcp_reachable(address, self._timeout)
+
+
+async def tcp_reachable(address: Address, timeout: float) -> bool:
+    """Whether a TCP connection to ``address`` opens within ``timeout`` (closed again at once)."""
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(*address)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 class BrokerHost:

@@ -24,9 +24,10 @@ from typing import Any
 
 from node.link.base import Link, Message
 from node.replica import Replica
+from node.tasks import cancel_and_wait
 from shared import protocol as P
 from shared.errors import ProtocolError
-from shared.models import Member, Stamp, StoredObject, ZERO_STAMP, member_key
+from shared.models import ZERO_STAMP, Member, Stamp, StoredObject, member_key
 from shared.settings import Settings
 from shared.state import FarmState, committed_seq, has_quorum, merge_newest
 from shared.topics import Topics
@@ -123,13 +124,7 @@ class Consensus:
         self._tasks.append(asyncio.create_task(self._ticker(), name=f"consensus-{self.node_id}"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         self._step_down("stopping")
 
@@ -231,8 +226,7 @@ class Consensus:
         return farm
 
     def _learn_commit(self, term: int, seq: int) -> None:
-        if (term, seq) > self.commit:
-            self.commit = (term, seq)
+        self.commit = max(self.commit, (term, seq))
 
     def _on_entry(self, e: P.Entry) -> None:
         if not self._accepts_farm(e.farm) or e.term < self.term:
