@@ -51,6 +51,12 @@ class SchedulerParams(BaseModel):
     """Used when the caller passes the farm: a copy every printer could print costs this much more than a copy
     only the asking printer can print, so scarce capabilities go to the work that needs them."""
 
+    self_clearing_cost_s: float = Field(default=4 * HOUR, ge=0)
+    """Used when the caller passes the farm: on a printer that needs an operator after every print and has
+    operators only on shifts, a copy that a self-clearing printer of the farm could also print costs this much
+    more. Self-clearing printers print through the night; such a printer does one print per night, so work
+    both can print is better left to the self-clearing ones."""
+
     swap_s: float = Field(default=10 * 60, ge=0)
     """Estimated operator time to swap one tool's filament (the printer waits meanwhile)."""
 

@@ -22,6 +22,8 @@ and it returns ``None`` only when no candidate fits: a printer that can work is 
                                                        between prints under shifts)
             − end_weight × (print time − queued work per printer), when positive      [needs the farm]
             + flexibility_cost_s × (printers able − 1) / (printers − 1)               [needs the farm]
+            + self_clearing_cost_s, on a printer that needs an operator after each print, under shifts,
+              if a self-clearing printer could print the copy                          [needs the farm]
 
    Ties go to queue rank, then to the oldest, then to job id and copy index.
 """
@@ -47,14 +49,15 @@ class FarmView:
 
     def __init__(self, printers: Sequence[PrinterView]) -> None:
         self.printers = tuple(printers)
-        self._filters = [(p.ns_rank, make_filter(p, consider_loaded=False)) for p in self.printers]
-        self._cache: dict[Hashable, int] = {}
+        self._filters = [(p.ns_rank, make_filter(p, consider_loaded=False), p.self_clearing) for p in self.printers]
+        self._cache: dict[Hashable, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self.printers)
 
-    def eligible(self, copy: CopyView) -> int:
-        """How many of the farm's printers serve the copy's namespace and could print it."""
+    def counts(self, copy: CopyView) -> tuple[int, int]:
+        """How many of the farm's printers serve the copy's namespace and could print it, and how many of
+        those clear their own beds."""
         key = (
             copy.namespace,
             copy.need_profiles,
@@ -64,11 +67,15 @@ class FarmView:
             copy.need_types,
             copy.need_tags,
         )
-        count = self._cache.get(key)
-        if count is None:
-            count = sum(1 for ns, fits in self._filters if copy.namespace in ns and fits(copy))
-            self._cache[key] = count
-        return count
+        counts = self._cache.get(key)
+        if counts is None:
+            able = [auto for ns, fits, auto in self._filters if copy.namespace in ns and fits(copy)]
+            counts = self._cache[key] = (len(able), sum(able))
+        return counts
+
+    def eligible(self, copy: CopyView) -> int:
+        """How many of the farm's printers serve the copy's namespace and could print it."""
+        return self.counts(copy)[0]
 
 
 def first_swaps(printer: PrinterView, copy: CopyView) -> int:
@@ -198,10 +205,12 @@ def choose(
     # copies first: long prints are worth most at the end of a shift, where the operator-wait term puts them.
     length = 0.0 if needs_op and not printer.self_clearing else params.length_weight
     flex_unit = 0.0
-    eligible = None
-    if farm is not None and len(farm) > 1 and params.flexibility_cost_s:
+    if farm is not None and len(farm) > 1:
         flex_unit = params.flexibility_cost_s / (len(farm) - 1)
-        eligible = farm.eligible
+    # A printer that needs an operator after every print, under shifts, leaves to the self-clearing printers
+    # the work they could print: they print through the night, it stands still after its first print.
+    leave = params.self_clearing_cost_s if needs_op and not printer.self_clearing else 0.0
+    counts = farm.counts if farm is not None and (flex_unit or leave) else None
     # With the farm known, a copy longer than the queue's work per printer would end after everything else:
     # each second it would stretch the end of the queue weighs end_weight.
     end_weight = params.end_weight if farm is not None and len(farm) else 0.0
@@ -230,8 +239,11 @@ def choose(
             cost += wait
         if end_weight and copy.work_s > per_printer:
             cost -= end_weight * (copy.work_s - per_printer)
-        if eligible is not None:
-            cost += flex_unit * (eligible(copy) - 1)
+        if counts is not None:
+            able, auto = counts(copy)
+            cost += flex_unit * (able - 1)
+            if auto:
+                cost += leave
         key = (cost, copy.rank, copy.enqueued_at, copy.job_id, copy.copy)
         if best_key is None or key < best_key:
             best, best_key, best_swaps = copy, key, swaps

@@ -151,6 +151,21 @@ def test_scarce_capabilities_go_to_the_work_that_needs_them() -> None:
     assert pick(big, large, small, farm=farm) == "large"
 
 
+def test_a_printer_that_needs_an_operator_leaves_shared_work_to_self_clearing_ones() -> None:
+    params = SchedulerParams(flexibility_cost_s=0)
+    manual = printer(node_id="mk3", operator=SHIFTS)
+    auto = printer(node_id="mini", profile="Mini", self_clearing=True, operator=SHIFTS)
+    farm = FarmView([manual, auto])
+    shared = copy("shared", sets=(PrintSet("s", 2 * H, 1, (PLA,), frozenset({"MK3", "Mini"})),), waited_h=10)
+    own = copy("own", sets=(PrintSet("o", 2 * H, 1, (PLA,), frozenset({"MK3"})),), waited_h=1)
+    assert pick(manual, shared, own, params=params) == "shared"  # without the farm, the older copy
+    assert pick(manual, shared, own, params=params, farm=farm) == "own"
+    # Not on printers that clear themselves, nor when an operator is always there.
+    always = printer(node_id="mk3", operator=ALWAYS)
+    assert pick(always, shared, own, params=params, farm=FarmView([always, auto])) == "shared"
+    assert pick(manual, shared, own, params=params.model_copy(update={"self_clearing_cost_s": 0}), farm=farm) == "shared"
+
+
 def test_a_copy_that_would_end_after_the_queue_goes_early() -> None:
     params = SchedulerParams(length_weight=0)
     farm = FarmView([printer(node_id="a"), printer(node_id="b")])

@@ -198,6 +198,21 @@ def test_bound_counts_nights_for_printers_that_need_an_operator() -> None:
     assert r.makespan_s == pytest.approx(26.1 * H)
 
 
+def test_bound_counts_only_the_long_prints_there_are_for_the_nights() -> None:
+    shifts = OperatorSchedule.parse(["daily 06:00-22:00"])
+    w = workload(
+        [printer(operator=shifts)],
+        [job("long", 20), job("short", 1, copies=30)],
+        start=MONDAY + 6 * H,
+        operators=OperatorModel(count=1, schedule=shifts, clear_s=3 * MINUTE),
+    )
+    # 51.5 h of work and clearing. Two shifts give 32 h; the 20 h print covers one night (8 h of it, not 20),
+    # the second night has only a 1 h print for it; the remaining 10.5 h go on Wednesday from 06:00 (48 h).
+    bound = lower_bound(w).value_s
+    assert bound == pytest.approx(58.5 * H, abs=2)
+    assert simulate(w, choose).makespan_s >= bound
+
+
 def test_bound_never_exceeds_what_any_policy_achieves_on_the_mixed_farm() -> None:
     w = _bench().mixed(seed=5, min_copies=120)
     bound = lower_bound(w).value_s
