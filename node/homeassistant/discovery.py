@@ -146,7 +146,7 @@ def node_configs(topics: Topics, info: NodeInfo) -> Configs:
 
     add("sensor", "state", "State", node_only, stat_t="~" + summary, val_tpl="{{ value_json.state }}",
         dev_cla="enum", ops=list(HA_STATES), ic="mdi:printer-3d", json_attr_t="~" + summary,
-        json_attr_tpl="{{ {'reason': value_json.reason} | tojson }}")
+        json_attr_tpl="{{ {'node': value_json.node_id, 'reason': value_json.reason} | tojson }}")
     add("sensor", "progress", "Progress", both, stat_t="~" + summary, val_tpl="{{ value_json.progress }}",
         unit_of_meas="%", stat_cla="measurement", ic="mdi:progress-clock")
     add("sensor", "finish", "Estimated finish", both, stat_t="~" + summary,

@@ -62,6 +62,11 @@ class HomeAssistantPublisher:
         self._announce: asyncio.TimerHandle | None = None
         self._last_flush = -1e9
         self._running = False
+        # Views over every job are recomputed only after the replicated state changed (heartbeats also
+        # wake the publisher): the generation counts applied changes.
+        self._generation = 0
+        self._required: tuple[int, list[Any]] = (-1, [])
+        self._farm_view: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
         self.republished = 0  # full republications (Home Assistant announcements and reconnects)
 
     # --- lifecycle ---------------------------------------------------------------------------------------
@@ -77,6 +82,7 @@ class HomeAssistantPublisher:
         link.subscribe(D.farm_config_filter(self.topics), self._on_config)
         link.on_connection(self._on_connection)
         self.agent.consensus.listeners.append(self.schedule)
+        self.agent.consensus.on_applied.append(self._on_applied)
         self.agent.consensus.on_role.append(lambda _role: self.schedule())
 
     async def stop(self) -> None:
@@ -109,6 +115,10 @@ class HomeAssistantPublisher:
         self._flush()
 
     def _on_trigger(self, msg: Message) -> None:
+        self.schedule()
+
+    def _on_applied(self, _writes: Any, _snapshot: bool) -> None:
+        self._generation += 1
         self.schedule()
 
     def _on_connection(self, connected: bool) -> None:
@@ -164,7 +174,11 @@ class HomeAssistantPublisher:
         arbiter = self.agent.arbiter
         if arbiter.active:
             info_ = arbiter.info()
-            farm_view = S.farm_summary(self.agent.consensus.state, self.agent.nodes, info_)
+            online = sum(1 for st in self.agent.nodes.values() if st.get("state") == "online")
+            key = (self._generation, online, *(str(info_.get(k)) for k in ("arbiter", "term", "safety", "warning")))
+            if self._farm_view[0] != key:
+                self._farm_view = (key, S.farm_summary(self.agent.consensus.state, self.agent.nodes, info_))
+            farm_view = self._farm_view[1]
             desired[D.farm_summary_topic(self.topics)] = _json(farm_view)
             configs = D.farm_configs(self.topics, farm, str(info_.get("version", "")), list(farm_view["queues"]))
             farm_configs = set(configs)
@@ -196,7 +210,9 @@ class HomeAssistantPublisher:
         view = S.node_summary(node, job=job, paused=worker.paused, operator_clears=operator_clears,
                               now=time.time())
         loaded = list(worker.capabilities.materials)
-        options = S.material_options(loaded, S.required_materials(agent.consensus.state))
+        if self._required[0] != self._generation:
+            self._required = (self._generation, S.required_materials(agent.consensus.state))
+        options = S.material_options(loaded, self._required[1])
         info = D.NodeInfo(farm=farm, node_id=self.node_id, name=p.name or self.node_id,
                           model=p.model or p.profile or f"{p.driver} printer", version=_version(),
                           material_options=tuple(options), tools=S.tools_of(loaded))
