@@ -256,7 +256,8 @@ class NodeApi:
                     raise RequestError("the arbiter did not confirm the release in time; the claim may still be "
                                        "held (its lease returns it to the queue)")
                 try:
-                    await asyncio.wait_for(changed.wait(), remaining)
+                    async with asyncio.timeout(remaining):  # not wait_for: see Worker._wait
+                        await changed.wait()
                 except TimeoutError:
                     pass
                 changed.clear()
