@@ -27,6 +27,7 @@ from node.node_api import NodeApi
 from node.printers.base import PrinterDriver
 from node.replica import Replica
 from node.scheduling import Scheduling
+from node.tasks import cancel_and_wait
 from node.worker import Worker
 from shared import PROTOCOL_VERSION
 from shared import protocol as P
@@ -146,13 +147,7 @@ class NodeAgent:
             self.lifecycle = Lifecycle.STOPPED
             return
         self.lifecycle = Lifecycle.STOPPING
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(list(self._tasks))
         await self.homeassistant.stop()
         await self.node_api.stop()
         if self.worker is not None:
@@ -283,7 +278,7 @@ class NodeAgent:
             return
         try:
             raw = json.loads(msg.payload)
-            st = NodeState.model_validate(raw)
+            st = NodeState.model_validate(raw, strict=False)  # JSON has lists where the model has tuples (bed_mm)
         except ValueError:
             log.debug("ignoring malformed node state on %s", msg.topic)
             return

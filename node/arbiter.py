@@ -20,6 +20,7 @@ from node.files.store import FileStore
 from node.link.base import Link, Message
 from node.replication import FileReplication
 from node.scheduling import Scheduling
+from node.tasks import cancel_and_wait
 from shared import api, claims
 from shared import protocol as P
 from shared.errors import RequestError
@@ -78,13 +79,8 @@ class ArbiterServices:
     async def stop(self) -> None:
         for task in list(self._downloads):
             task.cancel()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
 
     @property
     def active(self) -> bool:
@@ -149,7 +145,7 @@ class ArbiterServices:
             if key.startswith("job/"):
                 _, ns, job_id = key.split("/", 2)
                 self._publish_job(ns, job_id)
-            elif key.startswith("member/") or key.startswith("queue/"):
+            elif key.startswith(("member/", "queue/")):
                 self._publish_bridge()
 
     def _events(self, events: list[dict[str, Any]]) -> None:
@@ -225,7 +221,10 @@ class ArbiterServices:
             if txn is not None:
                 stored = self.c.state.get(txn_key(txn))
                 if stored is not None and stored.get("path") == path:
-                    self._respond(path, "ok", stored["data"], txn)  # a retry: applied once already
+                    # A retry, applied once already: ok only once that is committed (our replica also holds
+                    # our own uncommitted entries); until then the commit, or its failure, answers.
+                    if self.c.is_committed(self.c.state.objects[txn_key(txn)].stamp):
+                        self._respond(path, "ok", stored["data"], txn)
                     return
                 if txn in self._inflight:
                     return  # a retry of a request still in progress: the first answer will do for both
@@ -319,7 +318,8 @@ class ArbiterServices:
                 self._commit(ch.writes, ch.events)
             elif isinstance(m, P.FinishReport):
                 ch = claims.finish(self.c.state, m.node, m.namespace, m.job, m.copy_index, m.grant,
-                                   m.outcome.value, m.reason, self.wall())
+                                   m.outcome.value, m.reason, self.wall(),
+                                   max_attempts=self.settings.farm.max_attempts)
                 self._commit(ch.writes, ch.events)
             elif isinstance(m, P.Release):
                 ch = claims.release(self.c.state, m.node, m.namespace, m.job, m.copy_index, m.grant, m.reason)
@@ -357,8 +357,9 @@ class ArbiterServices:
             if member is None or member.witness or node in self.gone:
                 continue
             st = self.nodes().get(node, {})
-            if st.get("accept_jobs") is False or st.get("worker") == "paused":
-                continue  # it said so after asking (node/accept_jobs, node/pause): its request is stale
+            if st.get("accept_jobs") is False or st.get("worker") in ("paused", "offline", "error"):
+                # It said so after asking (node/accept_jobs, node/pause, its printer gone): the request is stale.
+                continue
             queue_ok = [ns for ns in req.namespaces] if req.namespaces else []
             result = claims.grant(self.c.state, node, req.capabilities, queue_ok, self.wall(),
                                   self.c.next_stamp(), self.choose)

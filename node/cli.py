@@ -145,21 +145,44 @@ def add(
     broker: BrokerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Upload files through a node and queue them as one job."""
+    """Upload files through a node and queue them as one job.
+
+    What each file needs (printer profile, nozzle, material types, extents, duration) is read from its slicer
+    header where no option gives it. One ``.gjob`` archive (Continuous Print's format) queues its job with its
+    sets, counts, materials and profiles; --count, --name, --material and --profile override the archive's.
+    """
+    from node.files.job_sets import beds_known, fill_set, read_file_meta
     from node.upload import upload_file
+
+    count_given = count != 1
+    gjob = len(files) == 1 and files[0].suffix.lower() == ".gjob"
+    if not gjob and any(f.suffix.lower() == ".gjob" for f in files):
+        err.print("[red]error:[/red] give one .gjob archive on its own, or G-code files")
+        raise typer.Exit(2)
 
     async def main() -> dict[str, Any]:
         client = await _client(config, broker)
         try:
             target = await _upload_target(client, config)
-            sets = []
-            for path in files:
-                sha = await upload_file(target[1], path, show_progress=not as_json)
-                sets.append({"file": path.name, "sha256": sha, "count": set_count, "holders": [target[0]],
-                             "materials": [_parse_material(m) for m in (material or [])],
-                             "profiles": list(profile or [])})
-            body = {"namespace": namespace, "count": count, "priority": priority, "sets": sets,
-                    "tags": list(tag or [])}
+            extents = beds_known((await client.request("node/list"))["nodes"])
+            given: dict[str, Any] = {}
+            if material:
+                given["materials"] = [_parse_material(m) for m in material]
+            if profile:
+                given["profiles"] = list(profile)
+            if gjob:
+                body = await _gjob_job(files[0], target, given, show_progress=not as_json, extents=extents)
+                if count_given:
+                    body["count"] = count
+            else:
+                sets = []
+                for path in files:
+                    meta = await asyncio.to_thread(read_file_meta, path)
+                    sha = await upload_file(target[1], path, show_progress=not as_json)
+                    sets.append(fill_set({"file": path.name, "sha256": sha, "count": set_count,
+                                          "holders": [target[0]], **given}, meta, extents=extents))
+                body = {"count": count, "sets": sets}
+            body.update({"namespace": namespace, "priority": priority, "tags": list(tag or [])})
             if name:
                 body["name"] = name
             return dict(await client.request("job/add", body))
@@ -172,6 +195,36 @@ def add(
     else:
         console.print(f"queued job [bold]{data['id']}[/bold] in [bold]{data['namespace']}[/bold] "
                       f"({data['copies']} {'copy' if data['copies'] == 1 else 'copies'})")
+
+
+async def _gjob_job(archive: Path, target: tuple[str, str], given: dict[str, Any], *,
+                    show_progress: bool, extents: bool) -> dict[str, Any]:
+    """Check a ``.gjob``, upload each of its files through ``target``, and return the ``job/add`` body."""
+    import tempfile
+
+    from node.files.job_sets import job_from_manifest, read_file_meta
+    from node.upload import upload_file
+    from shared.gjob import read_gjob
+
+    manifest, entries = await asyncio.to_thread(read_gjob, archive)
+    shas, metas = {}, {}
+    with tempfile.TemporaryDirectory(prefix="netq-gjob-") as tmp:
+        for i, (path, entry) in enumerate(entries.items()):
+            local = Path(tmp) / str(i) / Path(path).name  # the archive's names never choose where we write
+            local.parent.mkdir()
+
+            def unpack(entry: Any = entry, local: Path = local) -> None:
+                with local.open("wb") as fh:
+                    for chunk in entry.iter_chunks():
+                        fh.write(chunk)
+
+            await asyncio.to_thread(unpack)
+            metas[path] = await asyncio.to_thread(read_file_meta, local)
+            shas[path] = await upload_file(target[1], local, show_progress=show_progress)
+    body = job_from_manifest(manifest, shas, target[0], metas, extents=extents)
+    for s in body["sets"]:
+        s.update(given)
+    return body
 
 
 async def _upload_target(client: Any, config: Path | None) -> tuple[str, str]:
@@ -197,6 +250,72 @@ async def _node_states(client: Any, settle: float = 0.5) -> dict[str, dict[str, 
     client.watch(client.topics.node_state_filter)
     await asyncio.sleep(settle)  # retained messages arrive right after subscribing; there is no end marker
     return dict(client.node_states())
+
+
+@app.command("export")
+def export(
+    job_id: Annotated[str, typer.Argument(help="Id of the job to export.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .gjob file to write.", dir_okay=False)],
+    namespace: Annotated[str, typer.Option("--namespace", "-n")] = "default",
+    config: ConfigOpt = None,
+    broker: BrokerOpt = None,
+) -> None:
+    """Write a queued job as a .gjob archive (Continuous Print's format), its files fetched from a holder."""
+    import tempfile
+
+    from node.files.archive import export_gjob
+    from node.files.fetch import fetch
+    from node.files.job_sets import manifest_from_job
+    from node.files.store import FileStore
+
+    async def main() -> int:
+        client = await _client(config, broker)
+        try:
+            listing = await client.request("queue/list", {"namespace": namespace, "include_done": True})
+            job = next((j for j in listing["jobs"] if j["id"] == job_id), None)
+            if job is None:
+                raise NetqError(f"no job {job_id!r} in {namespace!r}")
+            nodes = {n["node_id"]: n for n in (await client.request("node/list"))["nodes"]}
+        finally:
+            await client.close()
+        manifest, paths = manifest_from_job(job)
+        with tempfile.TemporaryDirectory(prefix="netq-export-") as tmp:
+            store = FileStore(Path(tmp))
+            for s in job["sets"]:
+                if store.has(s["sha256"]):
+                    continue
+                urls = [nodes[h]["files_url"] for h in s.get("holders", [])
+                        if nodes.get(h, {}).get("state") == "online" and nodes[h].get("files_url")]
+                if not urls:
+                    raise NetqError(f"no online holder of {s['file']} ({', '.join(s.get('holders', []))})")
+                await fetch(s["sha256"], urls, store)  # hash-verified
+            data = await export_gjob(manifest, store, paths)
+        tmp_out = output.with_name(output.name + ".part")
+        tmp_out.write_bytes(data)
+        tmp_out.replace(output)
+        return len(data)
+
+    size = _run(main)
+    console.print(f"wrote {output} ({size} bytes)")
+
+
+@app.command("bed-cleared")
+def bed_cleared(
+    node: Annotated[str | None, typer.Argument(help="The node whose bed is clear (default: the local node).")] = None,
+    config: ConfigOpt = None,
+    broker: BrokerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Tell a node waiting for its bed to be cleared that it is: it takes its next print."""
+    from node.config import load_settings
+
+    if node is None:
+        if config is None and not os.environ.get("NETQ_CONFIG"):
+            err.print("[red]error:[/red] name the node, or give --config of the local node")
+            raise typer.Exit(2)
+        node = load_settings(config).node_id
+    _simple("node/bed_cleared", {"node": node}, config, broker, as_json,
+            lambda d: f"{d.get('node', node)}: bed cleared ({d.get('worker', '?')})")
 
 
 @app.command()

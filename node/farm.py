@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ class NodeProc:
     priority: int = 10
     witness: bool = False
     proc: subprocess.Popen[bytes] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # per section ("printer", "farm", "worker"): overrides
 
     @property
     def data_dir(self) -> Path:
@@ -107,8 +108,11 @@ class ProcessFarm:
         self.broker_url = broker_url
         self.env = dict(os.environ, **(env or {}))
         self.env.setdefault("PYTHONUNBUFFERED", "1")
-        self.nodes = [NodeProc(f"n{i}", self.root) for i in range(1, n + 1)]
-        self.nodes += [NodeProc(f"w{i}", self.root, witness=True, priority=0) for i in range(1, witnesses + 1)]
+        # With zeroconf, node ids carry a tag of this farm: zeroconf names must be unique among the live nodes
+        # on loopback, and another farm (a test, a demo) may be running on this machine at the same time.
+        tag = "" if broker_url else "-" + uuid.uuid4().hex[:4]
+        self.nodes = [NodeProc(f"n{i}{tag}", self.root) for i in range(1, n + 1)]
+        self.nodes += [NodeProc(f"w{i}{tag}", self.root, witness=True, priority=0) for i in range(1, witnesses + 1)]
         self.acknowledged: dict[tuple[str, str], int] = {}  # (namespace, job id) -> copies acknowledged
 
     # --- processes ---------------------------------------------------------------------------------------
@@ -122,9 +126,9 @@ class ProcessFarm:
             "self_clearing": True, **node.extra.get("printer", {})}
         return {
             "node_id": node.node_id, "data_dir": str(node.data_dir), "witness": node.witness,
-            "farm": {"base_topic": "netq"}, "broker": broker, "timing": dict(self.timing),
-            "printer": printer, "files": {"bind": "127.0.0.1", "port": 0},
-            "homeassistant": {"enabled": True},
+            "farm": {"base_topic": "netq", **node.extra.get("farm", {})}, "broker": broker,
+            "timing": dict(self.timing), "printer": printer, "files": {"bind": "127.0.0.1", "port": 0},
+            "worker": dict(node.extra.get("worker", {})), "homeassistant": {"enabled": True},
         }
 
     def start_node(self, node: NodeProc) -> None:

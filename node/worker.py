@@ -3,12 +3,40 @@
 The worker never decides what to print: it asks the arbiter for work, and acts on what the replicated state
 says once it is committed. Its one safety rule: the printer is called to start a copy only after this node has
 seen the copy's start committed (``printing`` by this node under its grant) and stored in its own SQLite.
+
+The rest of the cycle, on a real printer:
+
+* **A whole copy on one printer**: every set times its count, in order, each print named
+  ``<job>-c<copy>-s<set>-r<run>-<file>`` (:func:`print_name`), so that the printer itself says what it prints.
+* **Between prints** the bed is cooled (``printer.cooldown_bed_c``: until the reported bed temperature is at
+  most that) and cleared: by ``printer.clear_script``, or by an operator's ``node/bed_cleared``
+  (``netq bed-cleared NODE``) unless the printer is ``self_clearing``. A bed left dirty by a restart is
+  cleared before anything else (``bed_dirty`` in the replica's metadata).
+* **Failure policy**: a print that fails, is cancelled on the printer, is lost while the printer is gone, or
+  cannot be started ends the copy with ``requeue`` and the reason; the arbiter puts it back in the queue until
+  it has been started ``farm.max_attempts`` times, then marks it failed with that reason.
+* **awaiting_material**: the scheduler may give a copy whose materials are not loaded (an operator swaps them).
+  The worker gets the start committed first (so no lease takes the copy during a swap of many minutes, and no
+  other printer gets it), then, before each set whose per-tool materials the loaded ones do not satisfy, waits
+  in ``awaiting_material`` with what to load; the operator's ``node/material`` report is the go-ahead. A node
+  that declares no loaded materials does not track them and never waits.
+* **Printer gone** (OctoPrint down, printer disconnected): the worker is ``offline`` with the reason in its
+  retained node state, reconnects with a delay doubling from ``timing.work_retry_s`` to
+  ``printer.reconnect_max_s``, gives back a copy granted but not started, and asks for no work (the arbiter
+  also skips the stale request of a node that says offline). A print in progress is followed again when the
+  printer answers; if the printer no longer prints it, it was lost (requeue).
+* **Restart**: where the node is in its copy is kept durably before every step (``local_copy``: set, run and
+  phase ``ready`` / ``printing`` / ``ok`` / ``failed``). A print the printer still runs is followed to its end
+  (its set and run read from the name the printer reports); a run the printer was never called for is
+  started; a run that was called and is no longer printing has an unknown outcome and is reported failed for
+  an operator to resolve — never started twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +45,12 @@ from typing import Any
 from node.consensus import Consensus
 from node.link.base import Link
 from node.printers.base import PrinterDriver, PrinterState
+from node.tasks import cancel_and_wait
 from shared import protocol as P
 from shared.errors import FileStoreError, NetqError, PrinterError
-from shared.models import Capabilities, CopyState, Job, JobCopy, Stamp, WorkerState, job_key
+from shared.models import Capabilities, CopyState, Job, JobCopy, Material, Stamp, WorkerState, job_key
+from shared.scheduling.model import Material as MatchMaterial
+from shared.scheduling.model import satisfies
 from shared.settings import Settings
 from shared.topics import Topics
 
@@ -28,6 +59,45 @@ log = logging.getLogger(__name__)
 POLL_S = 0.1
 ProgressCallback = Callable[[int, int | None], None]  # bytes so far, total bytes (None: unknown)
 EnsureFile = Callable[[str, list[str], ProgressCallback], Awaitable[Path]]
+
+
+def print_name(job_id: str, copy_index: int, set_index: int, run: int, file: str) -> str:
+    """The name a print is started under: it says which job copy, set and run the printer is printing."""
+    return f"{job_id}-c{copy_index}-s{set_index}-r{run}-{file}"
+
+
+def parse_print_name(job_id: str, copy_index: int, reported: str | None) -> tuple[int, int] | None:
+    """``(set, run)`` if the printer's file name ``reported`` is a print of this job copy, else None.
+
+    Only the prefix is read: OctoPrint may change the rest (a ``.gcode`` suffix, sanitised characters), and
+    after a restart of the node its driver knows only the name OctoPrint reports.
+    """
+    if not reported:
+        return None
+    base = reported.replace("\\", "/").rsplit("/", 1)[-1]
+    m = re.match(re.escape(job_id) + r"-c(\d+)-s(\d+)-r(\d+)-", base)
+    if m is None or int(m.group(1)) != copy_index:
+        return None
+    return int(m.group(2)), int(m.group(3))
+
+
+def missing_materials(loaded: list[Material | None], needed: list[Material | None]) -> list[str]:
+    """What an operator must load before a set can print: one text per tool, empty when nothing is missing.
+
+    A node that declares no loaded materials at all (``printer.materials`` empty) does not track them: nothing
+    is ever missing there.
+    """
+    if not loaded:
+        return []
+    out = []
+    for tool, need in enumerate(needed):
+        if need is None:
+            continue
+        have = loaded[tool] if tool < len(loaded) else None
+        if not satisfies(None if have is None else MatchMaterial(have.type, have.color).key,
+                         MatchMaterial(need.type, need.color).key):
+            out.append(f"tool {tool}: {need} (loaded: {have or 'unknown'})")
+    return out
 
 
 @dataclass
@@ -71,13 +141,17 @@ class Worker:
         self.progress: float | None = None
         self.accept_jobs = settings.worker.accept_jobs
         self.paused = False
-        self.capabilities = Capabilities(
+        self._wake = asyncio.Event()
+        self._capabilities = Capabilities(
             profile=settings.printer.profile, model=settings.printer.model, nozzle_mm=settings.printer.nozzle_mm,
             bed_mm=settings.printer.bed_mm, materials=list(settings.printer.materials),
             tags=list(settings.printer.tags), self_clearing=settings.printer.self_clearing,
         )
-        self._wake = asyncio.Event()
         self._bed_cleared = asyncio.Event()
+        self._backoff: float | None = None  # current reconnect delay while the printer is offline
+        self._next_connect = 0.0
+        self._released: Stamp | None = None  # grant released because the printer is offline
+        self._bed_dirty = bool(consensus.replica.get_meta("bed_dirty", False))
         self._task: asyncio.Task[None] | None = None
         self._last_request = -1e9
         self._requested_term = -1
@@ -88,13 +162,18 @@ class Worker:
         self._task = asyncio.create_task(self._run(), name=f"worker-{self.node_id}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    @capabilities.setter
+    def capabilities(self, caps: Capabilities) -> None:
+        # An operator's material change (node/material) may be what a worker awaiting material waits for.
+        self._capabilities = caps
+        self._wake.set()
 
     # --- operator commands -------------------------------------------------------------------------------
     def bed_cleared(self) -> None:
@@ -137,10 +216,12 @@ class Worker:
             except NetqError as exc:
                 log.warning("%s worker: %s", self.node_id, exc)
                 self._set(WorkerState.ERROR, str(exc))
+                self.current = None  # the next step finds a held copy again, and _recover decides
                 await self._wait(self.settings.timing.work_retry_s)
             except Exception:
                 log.exception("%s worker failed", self.node_id)
                 self._set(WorkerState.ERROR, "internal error; see the node's log")
+                self.current = None
                 await self._wait(self.settings.timing.work_retry_s)
 
     def _mine(self) -> tuple[Job, JobCopy] | None:
@@ -167,12 +248,11 @@ class Worker:
     async def _step(self) -> None:
         status = await self.printer.status()
         if status.state == PrinterState.OFFLINE:
-            self._set(WorkerState.OFFLINE, status.reason or "printer unreachable")
-            try:
-                await self.printer.connect()
-            except PrinterError as exc:
-                self._set(WorkerState.OFFLINE, str(exc))
-            await self._wait(self.settings.timing.work_retry_s)
+            reason = status.reason or "printer unreachable"
+            if self.state != WorkerState.OFFLINE or self.reason is None:
+                self._set(WorkerState.OFFLINE, reason)
+            self._release_offline(reason)
+            await self._reconnect()
             return
         mine = self._mine()
         if mine is not None:
@@ -190,15 +270,46 @@ class Worker:
             return
         await self._idle(status.state)
 
+    def _release_offline(self, reason: str) -> None:
+        """A copy granted (not started) while the printer is gone goes back to the queue, once per grant."""
+        mine = self._mine()
+        if mine is None or mine[1].state != CopyState.CLAIMED or mine[1].grant == self._released:
+            return
+        job, copy = mine
+        assert copy.grant is not None
+        self._released = copy.grant
+        self._send(P.Release(node=self.node_id, namespace=job.namespace, job=job.id, copy_index=copy.index,
+                             grant=copy.grant, reason=f"printer of {self.node_id} is offline: {reason}"))
+
+    async def _reconnect(self) -> None:
+        """Try to reconnect the printer, with a delay doubling from work_retry_s to printer.reconnect_max_s."""
+        loop = asyncio.get_running_loop()
+        retry = self.settings.timing.work_retry_s
+        if loop.time() >= self._next_connect:
+            try:
+                await self.printer.connect()
+                self._backoff, self._next_connect = None, 0.0
+                return
+            except PrinterError as exc:
+                self._set(WorkerState.OFFLINE, str(exc))
+            self._backoff = retry if self._backoff is None else min(2 * self._backoff,
+                                                                     self.settings.printer.reconnect_max_s)
+            self._next_connect = loop.time() + self._backoff
+        await self._wait(max(0.05, min(self._next_connect - loop.time(), retry)))
+
     async def _idle(self, printer_state: PrinterState) -> None:
         if self.state not in (WorkerState.IDLE, WorkerState.REQUESTING):
             self._requested_term = -1  # back from an error or a pause: ask at once
         self.current = None
         self.progress = None
+        self._backoff, self._next_connect = None, 0.0
         if printer_state != PrinterState.READY:
             self._set(WorkerState.ERROR if printer_state == PrinterState.ERROR else WorkerState.PAUSED,
                       f"printer is {printer_state.value}")
             await self._wait(self.settings.timing.work_retry_s)
+            return
+        if self._bed_dirty:  # a print ended before a restart and its bed was never cleared
+            await self._clear_bed()
             return
         if self.paused:
             self._set(WorkerState.PAUSED, "queue work paused on this node")
@@ -209,7 +320,11 @@ class Worker:
         elif self.c.arbiter is None and self.c.leader is None:
             self._set(WorkerState.IDLE, "no arbiter")
         else:
-            self._set(WorkerState.REQUESTING)
+            if self.state != WorkerState.REQUESTING:
+                self._set(WorkerState.REQUESTING)
+                # Let our new state go out before the request: the arbiter drops requests of nodes whose
+                # retained state says offline, paused or in error.
+                await asyncio.sleep(0)
             now = asyncio.get_running_loop().time()
             # The arbiter keeps our request until it has work for us: ask again only when the arbiter changed,
             # or now and then in case the request was lost.
@@ -243,7 +358,7 @@ class Worker:
         if not await self._start_committed(held):
             self.current = None
             return
-        self.c.replica.set_meta(local_copy={"key": held.key, "copy": held.copy_index, "set": 0, "run": 0})
+        self._save_local(held, 0, 0, "ready")
         await self._print_all(held, job, paths, start_set=0, start_run=0)
 
     async def _start_committed(self, held: Held) -> bool:
@@ -265,44 +380,128 @@ class Worker:
                                           copy_index=held.copy_index, grant=held.grant))
             await self._wait(self.settings.timing.work_retry_s)
 
+    def _save_local(self, held: Held, si: int, run: int, phase: str, reason: str | None = None) -> None:
+        """Where this node is in its copy, durably, before each step that a restart must not repeat.
+
+        ``phase``: ``ready`` (the printer was not called for this run yet), ``printing`` (it may have been),
+        ``ok`` / ``failed`` (the run ended so).
+        """
+        self.c.replica.set_meta(local_copy={"key": held.key, "copy": held.copy_index, "grant": list(held.grant),
+                                            "set": si, "run": run, "phase": phase, "reason": reason})
+
+    def _mark_bed(self, dirty: bool) -> None:
+        self._bed_dirty = dirty
+        self.c.replica.set_meta(bed_dirty=dirty)
+
     async def _print_all(self, held: Held, job: Job, paths: list[Path], start_set: int, start_run: int,
                          following: bool = False) -> None:
+        """Print every remaining run of the copy, one after the other, clearing the bed between them."""
         total = sum(s.count for s in job.sets)
         done = sum(s.count for s in job.sets[:start_set]) + start_run
         for si in range(start_set, len(job.sets)):
             s = job.sets[si]
             for run in range(start_run if si == start_set else 0, s.count):
-                name = f"{job.id}-c{held.copy_index}-s{si}-r{run}-{s.file}"
+                name = print_name(job.id, held.copy_index, si, run, s.file)
                 if not following:
-                    self.c.replica.set_meta(local_copy={"key": held.key, "copy": held.copy_index, "set": si,
-                                                        "run": run})
-                    self._set(WorkerState.PRINTING)
-                    await self.printer.start(paths[si], name)
+                    if self._bed_dirty:
+                        await self._clear_bed(idle_after=False)
+                    self._save_local(held, si, run, "ready")
+                    if not await self._await_material(held, job, si):
+                        return
+                    if not await self._start_print(held, paths[si], name, si, run):
+                        return
                 following = False
-                ok, reason = await self._follow(done, total)
+                ok, reason = await self._follow(held, si, run, done, total)
                 done += 1
+                self._mark_bed(True)
+                self._save_local(held, si, run, "ok" if ok else "failed", reason)
                 if not ok:
                     await self._finish(held, P.Outcome.REQUEUE, reason)
                     await self._clear_bed()
                     return
-                if done < total:
-                    await self._clear_bed()
         await self._finish(held, P.Outcome.DONE, None)
         await self._clear_bed()
 
-    async def _follow(self, done: int, total: int) -> tuple[bool, str | None]:
-        """Poll the printer until the current print ends; (succeeded, reason)."""
+    async def _start_print(self, held: Held, path: Path, name: str, si: int, run: int) -> bool:
+        """Call the printer; True once it prints ``name``. A start that fails before printing is a failed run."""
+        self._save_local(held, si, run, "printing")
+        self._set(WorkerState.PRINTING)
+        try:
+            await self.printer.start(path, name)
+            return True
+        except PrinterError as exc:
+            st = await self.printer.status()
+            if st.state in (PrinterState.PRINTING, PrinterState.PAUSED) and \
+                    parse_print_name(held.job, held.copy_index, st.file) == (si, run):
+                log.warning("%s: start of %s reported %s, but the printer prints it", self.node_id, name, exc)
+                return True
+            if st.state == PrinterState.OFFLINE:
+                # Not started, and the printer is gone: the copy waits for it (a started copy stays ours).
+                self._save_local(held, si, run, "ready")
+                raise
+            reason = f"could not start {name}: {exc}"
+            self._save_local(held, si, run, "failed", reason)
+            await self._finish(held, P.Outcome.REQUEUE, reason)
+            return False
+
+    async def _await_material(self, held: Held, job: Job, si: int) -> bool:
+        """Wait until the loaded materials can print set ``si``; False if the copy is no longer ours.
+
+        The copy's start is already committed, so no lease takes it away while an operator swaps filament:
+        the worker shows ``awaiting_material`` with what to load, and goes on once the node's loaded
+        materials (the ``node/material`` command) satisfy the set.
+        """
+        s = job.sets[si]
+        while True:
+            missing = missing_materials(list(self.capabilities.materials), list(s.materials))
+            if not missing:
+                return True
+            copy = self._copy(held)
+            if copy is None or copy.state not in (CopyState.PRINTING, CopyState.ORPHANED):
+                log.info("%s: %s/%s#%d was settled elsewhere while awaiting material", self.node_id,
+                         held.namespace, held.job, held.copy_index)
+                self.current = None
+                return False
+            self._set(WorkerState.AWAITING_MATERIAL,
+                      f"{s.file} needs {'; '.join(missing)}: load it, then tell the node (node/material)")
+            await self._wait(self.settings.timing.work_retry_s)
+
+    async def _follow(self, held: Held, si: int, run: int, done: int, total: int) -> tuple[bool, str | None]:
+        """Poll the printer until the print ``name`` ends; (succeeded, reason).
+
+        The printer going offline does not end the print: the node reports itself offline, reconnects with
+        backoff, and reads how the print ended once the printer answers again.
+        """
+        s = self.c.state.job(held.key)
+        name = print_name(held.job, held.copy_index, si, run, s.sets[si].file if s else "?")
+        lost: str | None = None
         while True:
             st = await self.printer.status()
             if st.state in (PrinterState.PRINTING, PrinterState.PAUSED):
+                lost = None
                 self.progress = (done + (st.progress or 0.0)) / total
                 self._set(WorkerState.PRINTING if st.state == PrinterState.PRINTING else WorkerState.PAUSED)
                 self.on_state()
                 await asyncio.sleep(POLL_S)
                 continue
-            if st.state == PrinterState.READY and st.last_result == "done":
+            if st.state == PrinterState.OFFLINE:
+                lost = st.reason or "printer unreachable"
+                if self.state != WorkerState.OFFLINE:
+                    self._set(WorkerState.OFFLINE, f"{lost} (while printing {name})")
+                await self._reconnect()
+                continue
+            self._backoff, self._next_connect = None, 0.0
+            ours = st.last_file is None or st.last_file == name or parse_print_name(
+                held.job, held.copy_index, st.last_file) == (si, run)
+            if st.state == PrinterState.READY and st.last_result == "done" and ours:
                 return True, None
-            return False, st.reason or f"print ended: {st.last_result or st.state.value}"
+            if lost is not None:
+                return False, f"print {name} was lost while the printer was unreachable ({lost})"
+            if st.last_result == "cancelled":
+                return False, f"print {name} was cancelled on the printer"
+            if st.state == PrinterState.ERROR:
+                return False, f"print {name} failed: {st.reason or 'printer error'}"
+            return False, f"print {name} ended: {st.reason or st.last_result or st.state.value}"
 
     async def _finish(self, held: Held, outcome: P.Outcome, reason: str | None) -> None:
         """Report the end of the copy until the arbiter has committed it (or the copy is no longer ours)."""
@@ -326,30 +525,77 @@ class Worker:
         self.progress = None
         self._requested_term = -1  # the arbiter dropped our request when it granted: ask again when idle
 
-    async def _clear_bed(self) -> None:
+    async def _clear_bed(self, idle_after: bool = True) -> None:
+        """Cool down (printer.cooldown_bed_c), then clear the bed by script or wait for an operator."""
         p = self.settings.printer
+        self._bed_cleared.clear()  # a confirmation given from here on (even while cooling) counts
+        if p.cooldown_bed_c is not None:
+            await self._cool_down(p.cooldown_bed_c)
         if p.clear_script:
             self._set(WorkerState.CLEARING, "running the bed clearing script")
             await self.printer.run_gcode(list(p.clear_script))
         elif not p.self_clearing:
-            self._set(WorkerState.CLEARING, "waiting for an operator to clear the bed")
-            self._bed_cleared.clear()
+            self._set(WorkerState.CLEARING, "waiting for an operator to clear the bed (`netq bed-cleared`)")
             await self._bed_cleared.wait()
-        self._set(WorkerState.IDLE)
+        self._mark_bed(False)
+        if idle_after:
+            self._set(WorkerState.IDLE)
+
+    async def _cool_down(self, limit: float) -> None:
+        while True:
+            st = await self.printer.status()
+            if st.state == PrinterState.OFFLINE:
+                self._set(WorkerState.OFFLINE, f"{st.reason or 'printer unreachable'} (cooling the bed)")
+                await self._reconnect()
+                continue
+            if st.bed_temp is None:
+                log.warning("%s: the printer reports no bed temperature: not waiting for it to cool to %g °C",
+                            self.node_id, limit)
+                return
+            if st.bed_temp <= limit:
+                return
+            self._set(WorkerState.CLEARING, f"cooling the bed to {limit:g} °C (now {st.bed_temp:.0f} °C)")
+            await asyncio.sleep(min(1.0, self.settings.timing.work_retry_s))
 
     async def _recover(self, held: Held, job: Job, printer_state: PrinterState, file: str | None) -> None:
-        """After a restart: follow a print that is still running, never start it again."""
+        """After a restart: follow a print that is still running, never start one that may have run."""
         self.current = held
         local: dict[str, Any] | None = self.c.replica.get_meta("local_copy")
-        si = int(local["set"]) if local and local.get("key") == held.key else 0
-        run = int(local["run"]) if local and local.get("key") == held.key else 0
+        if local and (local.get("key") != held.key or local.get("copy") != held.copy_index
+                      or tuple(local.get("grant") or held.grant) != tuple(held.grant)):
+            local = None
+        si = int(local["set"]) if local else 0
+        run = int(local["run"]) if local else 0
+        phase = str(local.get("phase") or "printing") if local else "printing"
+        paths = [await self.ensure_file(s.sha256, list(s.holders), self._fetch_progress) for s in job.sets]
         if printer_state in (PrinterState.PRINTING, PrinterState.PAUSED):
-            log.info("%s: following the print of %s/%s#%d that was running before a restart", self.node_id,
-                     held.namespace, held.job, held.copy_index)
-            paths = [await self.ensure_file(s.sha256, list(s.holders), self._fetch_progress) for s in job.sets]
-            await self._print_all(held, job, paths, si, run, following=True)
+            at = parse_print_name(job.id, held.copy_index, file)
+            if at is None:
+                # Not ours: someone printed by hand. Wait for the printer; our copy stays where it is.
+                self.current = None
+                self._set(WorkerState.ERROR, f"printer busy with a print netqueues did not start ({file})")
+                await self._wait(self.settings.timing.work_retry_s)
+                return
+            log.info("%s: following the print of %s (set %d, run %d) that was running before a restart",
+                     self.node_id, file, at[0], at[1])
+            await self._print_all(held, job, paths, at[0], at[1], following=True)
             return
-        # The printer is not printing it and we cannot know whether the interrupted print completed:
+        if phase == "ready":  # the printer was never called for this run: go on from there
+            await self._print_all(held, job, paths, si, run)
+            return
+        if phase == "failed":
+            await self._finish(held, P.Outcome.REQUEUE, local.get("reason") if local else None)
+            await self._clear_bed()
+            return
+        if phase == "ok":
+            nxt = (si, run + 1) if run + 1 < job.sets[si].count else (si + 1, 0)
+            if nxt[0] < len(job.sets):
+                await self._print_all(held, job, paths, nxt[0], nxt[1])
+            else:
+                await self._finish(held, P.Outcome.DONE, None)
+                await self._clear_bed()
+            return
+        # The printer was called for this run, is not printing it, and we cannot know whether it completed:
         # say so and let an operator decide (job/resolve), rather than risk printing it twice.
         await self._finish(held, P.Outcome.FAILED, "the node restarted during this print and its outcome is "
                                                    "unknown: check the printer, then resolve the copy")

@@ -28,6 +28,10 @@ class FarmSettings(Section):
     key: str | None = None  # farm key; None: an open farm (said loudly at start-up)
     safety: SafetyMode = SafetyMode.QUORUM
     base_topic: str = "netq"
+    # A failed or cancelled print returns its copy to the queue until it has been started this many times;
+    # then the copy is marked failed with the reason. The arbiter's setting is the one that counts: keep it
+    # the same on every node.
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
 
 
 class BrokerSettings(Section):
@@ -79,6 +83,10 @@ class PrinterSettings(Section):
     tags: list[str] = []
     self_clearing: bool = True
     clear_script: list[str] = []  # G-code sent to clear the bed; empty + not self clearing: operator confirms
+    # Before the bed is cleared (and the next print starts), wait until the bed is at most this warm (°C).
+    cooldown_bed_c: Annotated[float, Field(ge=0, le=150)] | None = None
+    # OctoPrint or the printer gone: try to reconnect after work_retry_s, doubling up to this.
+    reconnect_max_s: Annotated[float, Field(gt=0)] = 30.0
 
     @model_validator(mode="after")
     def _octoprint_needs_url(self) -> PrinterSettings:
