@@ -310,7 +310,7 @@ class NodeAgent:
             return
         finally:
             self._replicating.discard(m.sha256)
-        self.link.publish(self.topics.to_arbiter, P.encode(P.Holding(node=self.node_id, sha256=m.sha256)), qos=1)
+        self.consensus.send_to_arbiter(P.Holding(node=self.node_id, sha256=m.sha256))
 
     async def ensure_file(self, sha256: str, holders: list[str], progress: Callable[[int, int | None], None]) -> Path:
         """The local path of a G-code file, fetched from a holder (and hash-checked) if we lack it."""

@@ -118,7 +118,7 @@ class Consensus:
         self.link.subscribe(self.topics.log, self._on_log)
         self.link.subscribe(self.topics.election, self._on_election)
         self.link.subscribe(self.topics.to_node(self.node_id), self._on_direct)
-        self.link.subscribe(self.topics.to_arbiter, self._on_to_arbiter)
+        self.link.subscribe(self.topics.to_arbiter(self.node_id), self._on_to_arbiter)
         self._last_heard = self._clock()
         self._reset_deadline()
         self._tasks.append(asyncio.create_task(self._ticker(), name=f"consensus-{self.node_id}"))
@@ -154,6 +154,13 @@ class Consensus:
         # The broker host gets the shortest timeout, so the arbiter usually sits beside the broker.
         lo, hi = (1.0, 1.25) if self.is_broker_host() else (1.5, 2.5)
         self._deadline = self._clock() + base * self._rng.uniform(lo, hi)
+
+    def send_to_arbiter(self, msg: P.Model) -> bool:
+        """Send ``msg`` to the arbiter we follow (False, and nothing sent, if we know of none)."""
+        if self.arbiter is None:
+            return False
+        self._publish(self.topics.to_arbiter(self.arbiter), msg)
+        return True
 
     def _publish(self, topic: str, msg: P.Model, qos: int = 1) -> None:
         self.link.publish(topic, P.encode(msg), qos=qos)
@@ -283,24 +290,24 @@ class Consensus:
         self._last_ack = self._clock()
         term, seq = self.applied
         if term == self.term:
-            self._publish(self.topics.to_arbiter, P.Ack(node=self.node_id, term=term, seq=seq))
+            self.send_to_arbiter(P.Ack(node=self.node_id, term=term, seq=seq))
         else:
             # Still alive and listening, but without this term's snapshot: acknowledge nothing yet.
-            self._publish(self.topics.to_arbiter, P.Ack(node=self.node_id, term=self.term, seq=0))
+            self.send_to_arbiter(P.Ack(node=self.node_id, term=self.term, seq=0))
 
     def _request_sync(self) -> None:
         now = self._clock()
         if now - self._last_sync < SYNC_RETRY_S:
             return
         self._last_sync = now
-        self._publish(self.topics.to_arbiter, P.SyncRequest(node=self.node_id, term=self.term, last=self.applied))
+        self.send_to_arbiter(P.SyncRequest(node=self.node_id, term=self.term, last=self.applied))
 
     def _request_join(self) -> None:
         now = self._clock()
         if now - self._last_join < max(1.0, self.settings.timing.heartbeat_s * 4):
             return
         self._last_join = now
-        self._publish(self.topics.to_arbiter, P.Join(node=self.node_id, witness=self.settings.witness))
+        self.send_to_arbiter(P.Join(node=self.node_id, witness=self.settings.witness))
 
     # --- incoming: direct messages (snapshots, votes for us) ---------------------------------------------
     def _on_direct(self, msg: Message) -> None:

@@ -236,9 +236,9 @@ class NodeApi:
         if pause:
             w.set_paused(True)  # first, so that the worker does not ask for (and get) the same copy again
         c = self.agent.consensus
-        self.agent.link.publish(self.topics.to_arbiter, P.encode(P.Release(
-            node=self.node_id, namespace=ns, job=job_id, copy_index=copy.index, grant=copy.grant,
-            reason="released by an operator")), qos=1)
+        if not c.send_to_arbiter(P.Release(node=self.node_id, namespace=ns, job=job_id, copy_index=copy.index,
+                                           grant=copy.grant, reason="released by an operator")):
+            raise RequestError("no arbiter to release the copy to; try again when the farm has one")
         changed = asyncio.Event()
         c.listeners.append(changed.set)
         loop = asyncio.get_running_loop()

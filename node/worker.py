@@ -337,7 +337,7 @@ class Worker:
         await self._wait(self.settings.timing.work_retry_s)
 
     def _send(self, msg: P.Model) -> None:
-        self.link.publish(self.topics.to_arbiter, P.encode(msg), qos=1)
+        self.c.send_to_arbiter(msg)
 
     # --- one whole copy ----------------------------------------------------------------------------------
     async def _take(self, held: Held, job: Job) -> None:

@@ -88,10 +88,12 @@ class Topics:
     def election(self) -> str:
         return f"{self.base}/_proto/election"
 
-    @property
-    def to_arbiter(self) -> str:
-        """Members → arbiter: acks, work requests, start/finish reports, sync requests, joins."""
-        return f"{self.base}/_proto/arbiter"
+    def to_arbiter(self, arbiter: str) -> str:
+        """Members → the arbiter ``arbiter``: acks, work requests, start/finish reports, sync requests, joins.
+
+        One inbox per arbiter, so that only the arbiter receives them: on a shared topic every node would get
+        every ack, a fan-out of n² messages per entry."""
+        return f"{self.base}/_proto/arbiter/{_check_level(arbiter, 'node id')}"
 
     def to_node(self, node_id: str) -> str:
         return f"{self.base}/_proto/node/{_check_level(node_id, 'node id')}"
