@@ -30,7 +30,7 @@ octoprint:
 	bash scripts/install-octoprint.sh
 
 demo: $(STAMP)
-	$(VENV)/bin/netq demo --nodes 3 --jobs 12 --until-done --kill-host
+	$(VENV)/bin/netq demo --nodes 4 --jobs 12 --until-done --kill-host
 
 test: $(STAMP) system-deps octoprint
 	$(PY) -m pytest -q

@@ -37,6 +37,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 
 def _run(coro: Callable[[], Awaitable[T]]) -> T:
+    if not logging.getLogger().handlers:
+        # A command, not the agent: the MQTT link's reconnect chatter (e.g. while the demo's broker host is
+        # killed) is not for the person at the terminal; errors reach them as NetqError.
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("node.link").setLevel(logging.CRITICAL)
     try:
         return asyncio.run(coro())  # type: ignore[arg-type]
     except NetqError as exc:

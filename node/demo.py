@@ -47,6 +47,11 @@ async def run_demo(n: int, jobs: int, *, until_done: bool, kill_host: bool, time
                    as_json: bool) -> dict[str, Any]:
     console = Console(stderr=as_json)
     farm = ProcessFarm(n, time_scale=time_scale, timing=DEMO_TIMING)
+    if kill_host:
+        # The first node hosts the broker and founds the farm (so it is the first arbiter): it coordinates and
+        # does not print, so that killing it interrupts no print (an interrupted print's copy would be
+        # orphaned until an operator checked its printer, and the demo would wait for that person).
+        farm.nodes[0].extra["worker"] = {"accept_jobs": False}
     started = time.monotonic()
     # SIGTERM (e.g. from `timeout`) must still stop the node processes: cancel, so `finally` runs.
     task = asyncio.current_task()
