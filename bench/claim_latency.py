@@ -5,8 +5,11 @@ replicas, simulated printers that journal every start with a wall-clock timestam
 is the printer's start timestamp minus the moment the client got `status: ok` for its `job/add` (the add is then
 committed by a quorum and its file is on two nodes). Jobs are added one at a time while printers are idle.
 
-Usage: python bench/claim_latency.py [--nodes 10] [--jobs 100]
-The last line printed is one JSON object with p50_ms and p99_ms.
+The same run is repeated with every node pointed at a real mosquitto broker (`broker.url`), side by side,
+when mosquitto is installed.
+
+Usage: python bench/claim_latency.py [--nodes 10] [--jobs 100] [--no-mosquitto]
+The last line printed is one JSON object with p50_ms and p99_ms (embedded broker) and the mosquitto figures.
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,9 +43,29 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-async def main(nodes: int, jobs: int, seed: int) -> dict[str, object]:
+def start_mosquitto(root: Path) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = root / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\npersistence false\n")
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"mqtt://127.0.0.1:{port}"
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise SystemExit("mosquitto did not start") from None
+            time.sleep(0.02)
+
+
+async def main(nodes: int, jobs: int, seed: int, broker_url: str | None = None) -> dict[str, object]:
     rng = random.Random(seed)
-    farm = ProcessFarm(nodes, time_scale=1000, timing=TIMING)  # a 300 s print takes 0.3 s
+    # A 300 s print takes 0.3 s.
+    farm = ProcessFarm(nodes, time_scale=1000, timing=TIMING, broker_url=broker_url)
     farm.start()
     try:
         client = await farm.client(timeout=90)
@@ -71,7 +98,8 @@ async def main(nodes: int, jobs: int, seed: int) -> dict[str, object]:
             await asyncio.sleep(rng.uniform(0.05, 0.15))
         await client.close()
         return {
-            "bench": "claim_latency", "nodes": nodes, "jobs": jobs, "broker": "embedded amqtt",
+            "bench": "claim_latency", "nodes": nodes, "jobs": jobs,
+            "broker": "mosquitto" if broker_url else "embedded amqtt",
             "p50_ms": round(percentile(latencies, 0.5), 1), "p99_ms": round(percentile(latencies, 0.99), 1),
             "mean_ms": round(statistics.fmean(latencies), 1), "max_ms": round(max(latencies), 1),
             "min_ms": round(min(latencies), 1), "double_starts": farm.double_starts(),
@@ -86,5 +114,18 @@ if __name__ == "__main__":
     parser.add_argument("--nodes", type=int, default=10)
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--no-mosquitto", action="store_true", help="skip the side-by-side mosquitto run")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main(args.nodes, args.jobs, args.seed))))
+    result = asyncio.run(main(args.nodes, args.jobs, args.seed))
+    print(json.dumps(result), flush=True)
+    if not args.no_mosquitto and shutil.which("mosquitto"):
+        with tempfile.TemporaryDirectory() as tmp:
+            proc, url = start_mosquitto(Path(tmp))
+            try:
+                other = asyncio.run(main(args.nodes, args.jobs, args.seed, url))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=10)
+        print(json.dumps(other), flush=True)
+        result["mosquitto"] = {k: other[k] for k in ("p50_ms", "p99_ms", "mean_ms", "max_ms", "double_starts")}
+    print(json.dumps(result))

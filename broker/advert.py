@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import MappingProxyType
 
@@ -118,6 +119,8 @@ class Adverts:
         self._browser: AsyncServiceBrowser | None = None
         self._own: Advert | None = None
         self._own_info: AsyncServiceInfo | None = None
+        self._epoch = time.time_ns() // 1_000_000  # a restarted node's adverts differ from its last life's too
+        self._sent = 0
         self._broadcast: Awaitable[object] | None = None
         self._by_node: dict[str, Advert] = {}
         self._generation: dict[str, int] = {}
@@ -213,6 +216,10 @@ class Adverts:
             return True
         return False
 
+    def _next_generation(self) -> str:
+        self._sent += 1
+        return f"{self._epoch:x}.{self._sent}"
+
     def _info(self, own: Advert) -> AsyncServiceInfo:
         host_label = re.sub(r"[^A-Za-z0-9-]", "-", own.node_id)
         return AsyncServiceInfo(
@@ -220,7 +227,10 @@ class Adverts:
             service_name(own.node_id),
             addresses=self._addresses,
             port=self._service_port,
-            properties=advert_to_properties(own),
+            # ``gen`` changes with every advert we send: zeroconf's browser reports no update for a TXT record
+            # identical to one it still caches, so broker=X → none → X again would go unseen (found by the
+            # LAN chaos tests: the farm split across brokers and never merged back).
+            properties={**advert_to_properties(own), "gen": self._next_generation()},
             server=f"netq-{host_label}.local.",
         )
 

@@ -88,7 +88,7 @@ def render_toml(data: dict[str, Any]) -> str:
 
 def gcode_for(seconds: float, label: str) -> bytes:
     """A small G-code file whose Cura-style header tells the simulated printer how long it prints."""
-    body = [f";FLAVOR:Marlin", f";TIME:{seconds:.0f}", f"; netqueues demo part {label}", "G28",
+    body = [";FLAVOR:Marlin", f";TIME:{seconds:.0f}", f"; netqueues demo part {label}", "G28",
             "M104 S200", "M140 S60"]
     body += [f"G1 X{10 + i % 50} Y{10 + (i * 7) % 50} Z{0.2 + i * 0.2:.1f} E{i * 0.5:.1f}" for i in range(40)]
     body += ["M104 S0", "M140 S0", "M84"]
@@ -232,9 +232,11 @@ class ProcessFarm:
 
     # --- driving -----------------------------------------------------------------------------------------
     async def upload(self, node: NodeProc, data: bytes) -> str:
-        rt = node.runtime()
-        if not rt:
-            raise NetqError(f"{node.node_id} is not running")
+        deadline = time.monotonic() + 15
+        while not (rt := node.runtime() if node.alive else None):
+            if time.monotonic() > deadline or not node.alive:
+                raise NetqError(f"{node.node_id} is not running (no runtime.json)\n{self.logs()}")
+            await asyncio.sleep(0.05)
         async with aiohttp.ClientSession() as session:
             async with session.post(f"{rt['files_url']}/files", data=data) as resp:
                 if resp.status >= 300:

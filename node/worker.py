@@ -505,9 +505,12 @@ class Worker:
 
     async def _finish(self, held: Held, outcome: P.Outcome, reason: str | None) -> None:
         """Report the end of the copy until the arbiter has committed it (or the copy is no longer ours)."""
-        self.c.replica.set_meta(local_copy=None)
+        # Remember the outcome until its commit is seen: a restart in between reports it again, and never
+        # mistakes the copy for one whose printer was never called.
+        self._save_local(held, -1, -1, f"finishing:{outcome.value}", reason)
         loop = asyncio.get_running_loop()
         last_sent = -1e9
+        last_term = self.c.term
         while True:
             copy = self._copy(held)
             # Only a committed end counts: our replica may hold an uncommitted entry (our own, as a deposed
@@ -515,12 +518,14 @@ class Worker:
             settled = held.key not in self.c.state.objects or self._committed(held.key)
             if (copy is None or copy.state not in (CopyState.PRINTING, CopyState.ORPHANED)) and settled:
                 break
-            if loop.time() - last_sent >= self.settings.timing.work_retry_s:
-                last_sent = loop.time()
+            if loop.time() - last_sent >= self.settings.timing.work_retry_s or self.c.term != last_term:
+                # Resent now and then, and at once to a new arbiter (it may never have seen it).
+                last_sent, last_term = loop.time(), self.c.term
                 self._send(P.FinishReport(node=self.node_id, namespace=held.namespace, job=held.job,
                                           copy_index=held.copy_index, grant=held.grant, outcome=outcome,
                                           reason=reason))
             await self._wait(self.settings.timing.work_retry_s)
+        self.c.replica.set_meta(local_copy=None)
         self.current = None
         self.progress = None
         self._requested_term = -1  # the arbiter dropped our request when it granted: ask again when idle
@@ -579,6 +584,19 @@ class Worker:
             log.info("%s: following the print of %s (set %d, run %d) that was running before a restart",
                      self.node_id, file, at[0], at[1])
             await self._print_all(held, job, paths, at[0], at[1], following=True)
+            return
+        if phase.startswith("finishing:"):  # every print ended; only the report's commit was not seen yet
+            await self._finish(held, P.Outcome(phase.split(":", 1)[1]), local.get("reason") if local else None)
+            await self._clear_bed()
+            return
+        if local is None:
+            # No record of this copy: we never reached the point of calling the printer for it (the record is
+            # written before the first call). The start was committed just as we were paused, cut off or
+            # restarted: print it from the beginning instead of calling it failed.
+            log.info("%s: %s#%d was started but never sent to the printer: printing it now", self.node_id,
+                     held.job, held.copy_index)
+            self._save_local(held, 0, 0, "ready")
+            await self._print_all(held, job, paths, 0, 0)
             return
         if phase == "ready":  # the printer was never called for this run: go on from there
             await self._print_all(held, job, paths, si, run)
