@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 import time
@@ -33,6 +32,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from broker.advert import SERVICE_TYPE, advert_from_properties
 from broker.choice import Address
+from broker.host import tcp_reachable
 from node.client import FarmClient
 from node.farm import gcode_for
 from shared.errors import NetqError, ProtocolError, RequestError
@@ -56,15 +56,7 @@ class History:
 
 
 async def _reachable(address: Address) -> bool:
-    try:
-        async with asyncio.timeout(PROBE_TIMEOUT_S):
-            _, writer = await asyncio.open_connection(*address)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
+    return await tcp_reachable(address, PROBE_TIMEOUT_S)
 
 
 class Brokers:
