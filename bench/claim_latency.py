@@ -19,9 +19,7 @@ import asyncio
 import json
 import random
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node.farm import ProcessFarm, gcode_for  # noqa: E402
-from node.printers.simulated import read_journal  # noqa: E402
+from node.farm import ProcessFarm, gcode_for, mosquitto_broker
+from node.printers.simulated import read_journal
 
 TIMING = {"heartbeat_s": 0.2, "election_timeout_s": 1.0, "lease_s": 10.0, "lock_delay_s": 1.0,
           "node_timeout_s": 3.0, "work_retry_s": 0.5}
@@ -41,25 +39,6 @@ def percentile(values: list[float], q: float) -> float:
     k = (len(ordered) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
-def start_mosquitto(root: Path) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    conf = root / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\npersistence false\n")
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"mqtt://127.0.0.1:{port}"
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit("mosquitto did not start") from None
-            time.sleep(0.02)
 
 
 async def main(nodes: int, jobs: int, seed: int, broker_url: str | None = None) -> dict[str, object]:
@@ -119,13 +98,8 @@ if __name__ == "__main__":
     result = asyncio.run(main(args.nodes, args.jobs, args.seed))
     print(json.dumps(result), flush=True)
     if not args.no_mosquitto and shutil.which("mosquitto"):
-        with tempfile.TemporaryDirectory() as tmp:
-            proc, url = start_mosquitto(Path(tmp))
-            try:
-                other = asyncio.run(main(args.nodes, args.jobs, args.seed, url))
-            finally:
-                proc.terminate()
-                proc.wait(timeout=10)
+        with tempfile.TemporaryDirectory() as tmp, mosquitto_broker(Path(tmp)) as (host, port):
+            other = asyncio.run(main(args.nodes, args.jobs, args.seed, f"mqtt://{host}:{port}"))
         print(json.dumps(other), flush=True)
         result["mosquitto"] = {k: other[k] for k in ("p50_ms", "p99_ms", "mean_ms", "max_ms", "double_starts")}
     print(json.dumps(result))

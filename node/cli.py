@@ -409,6 +409,11 @@ def _simple(path: str, body: dict[str, Any], config: Path | None, broker: str | 
     print(json.dumps(data) if as_json else say(data))
 
 
+def _given(**options: Any) -> dict[str, Any]:
+    """The options the user gave (not None), as request fields."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
 @job_app.command("remove")
 def job_remove(job_id: str, namespace: Annotated[str, typer.Option("--namespace", "-n")] = "default",
                config: ConfigOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False) -> None:
@@ -424,10 +429,7 @@ def job_update(job_id: str, namespace: Annotated[str, typer.Option("--namespace"
                name: Annotated[str | None, typer.Option("--name")] = None,
                config: ConfigOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False) -> None:
     """Change a job's copies, priority or name."""
-    body: dict[str, Any] = {"namespace": namespace, "id": job_id}
-    for k, v in (("count", count), ("priority", priority), ("name", name)):
-        if v is not None:
-            body[k] = v
+    body = {"namespace": namespace, "id": job_id, **_given(count=count, priority=priority, name=name)}
     _simple("job/update", body, config, broker, as_json, lambda d: f"updated {d['id']}")
 
 
@@ -438,10 +440,7 @@ def job_move(job_id: str, namespace: Annotated[str, typer.Option("--namespace", 
              position: Annotated[int | None, typer.Option("--position", help="0 = top")] = None,
              config: ConfigOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False) -> None:
     """Move a job within its queue."""
-    body: dict[str, Any] = {"namespace": namespace, "id": job_id}
-    for k, v in (("before", before), ("after", after), ("position", position)):
-        if v is not None:
-            body[k] = v
+    body = {"namespace": namespace, "id": job_id, **_given(before=before, after=after, position=position)}
     _simple("job/move", body, config, broker, as_json, lambda d: f"moved {d['id']} to position {d['position']}")
 
 

@@ -8,18 +8,21 @@ starts can be counted even across ``kill -9``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +87,35 @@ def render_toml(data: dict[str, Any]) -> str:
     sections = [f"\n[{k}]\n" + "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None)
                 for k, v in data.items() if isinstance(v, dict)]
     return "\n".join(top) + "\n" + "\n".join(sections) + "\n"
+
+
+@contextlib.contextmanager
+def mosquitto_broker(workdir: Path, exe: str = "mosquitto") -> Iterator[tuple[str, int]]:
+    """A real mosquitto on 127.0.0.1 and a free port, for tests and benchmarks; stopped on exit.
+
+    ``max_queued_messages 0``: its default of 1000 drops QoS 1 messages to a slow subscriber."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\npersistence false\n")
+    log = workdir / "mosquitto.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([exe, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise NetqError(f"mosquitto did not start: {log.read_text()}") from None
+                time.sleep(0.02)
+        yield ("127.0.0.1", port)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def gcode_for(seconds: float, label: str) -> bytes:

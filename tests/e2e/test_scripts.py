@@ -13,7 +13,6 @@ import json
 import os
 import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from aiohttp import web
 
 from node.client import FarmClient
 from node.demo import DEMO_TIMING
-from node.farm import NodeProc, ProcessFarm, gcode_for
+from node.farm import NodeProc, ProcessFarm, gcode_for, mosquitto_broker
 from tests.mosquitto_fixture import require_tool
 
 pytestmark = pytest.mark.e2e
@@ -54,26 +53,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]
     exe = require_tool("mosquitto")
     for tool in ("mosquitto_pub", "mosquitto_sub"):
         require_tool(tool)
-    root = tmp_path_factory.mktemp("mosquitto")
-    port = _free_port()
-    conf = root / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\npersistence false\n")
-    with (root / "mosquitto.log").open("wb") as log:
-        proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((root / "mosquitto.log").read_text()) from None
-                time.sleep(0.02)
-        yield ("127.0.0.1", port)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with mosquitto_broker(tmp_path_factory.mktemp("mosquitto"), exe) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
