@@ -349,7 +349,8 @@ def jobs(
         return
     table = Table(title="netqueues jobs")
     for col in ("queue", "job", "name", "state", "copies", "priority", "printing on", "notes"):
-        table.add_column(col)
+        # Job ids are what people copy into other commands: never cut them short.
+        table.add_column(col, no_wrap=col == "job", min_width=12 if col == "job" else None)
     for job in data["jobs"]:
         copies = job["copies"]
         done = sum(1 for c in copies if c["state"] == "done")
