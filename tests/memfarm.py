@@ -21,6 +21,7 @@ from node.scheduling import Scheduling
 from node.worker import Worker
 from shared.settings import Settings, TimingSettings
 from shared.topics import Topics
+from tests.waiting import until as _until
 
 FAST = TimingSettings(
     heartbeat_s=0.05,
@@ -171,15 +172,7 @@ class MemFarm:
 
     @staticmethod
     async def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            value = cond()
-            if value:
-                return value
-            if loop.time() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-            await asyncio.sleep(0.01)
+        return await _until(cond, what, timeout, interval=0.01)
 
     def starts(self) -> list[str]:
         return [r.name for n in self.nodes if n.printer for r in n.printer.starts]

@@ -5,37 +5,23 @@ restarted, stopped, or refuses the key."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from node.printers.base import PrinterState, PrinterStatus
+from node.printers.base import PrinterState
 from node.printers.octoprint import OctoPrintDriver
 from shared.errors import PrinterError, PrinterOffline
 from tests.octoprint_fixture import OctoPrintFactory, OctoPrintServer
+from tests.waiting import printer_reaches
 
 pytestmark = pytest.mark.e2e
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "printer"
 SHORT = DATA / "short.gcode"
 LONG = DATA / "long.gcode"
-DEADLINE = 30.0
-
-
-async def wait_for(
-    driver: OctoPrintDriver, check: Callable[[PrinterStatus], bool], what: str, timeout: float = DEADLINE
-) -> PrinterStatus:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        status = await driver.status()
-        if check(status):
-            return status
-        if loop.time() > deadline:
-            pytest.fail(f"{what}: not reached within {timeout:.0f}s, last status {status}")
-        await asyncio.sleep(0.05)  # polling interval of a bounded wait
 
 
 def octoprint_post(server: OctoPrintServer, path: str, body: dict[str, str]) -> requests.Response:
@@ -53,7 +39,7 @@ async def driver(octoprint_server: OctoPrintServer) -> AsyncIterator[OctoPrintDr
         status = await drv.status()
         if status.state in (PrinterState.PRINTING, PrinterState.PAUSED):
             await drv.cancel()
-            await wait_for(drv, lambda s: s.state is PrinterState.READY, "teardown: idle")
+            await printer_reaches(drv, lambda s: s.state is PrinterState.READY, "teardown: idle")
         await drv.close()
 
 
@@ -61,9 +47,9 @@ async def test_cancel_in_octoprint_is_seen_as_cancelled(
     driver: OctoPrintDriver, octoprint_server: OctoPrintServer
 ) -> None:
     await driver.start(LONG, "cancelled elsewhere.gcode")
-    await wait_for(driver, lambda s: s.state is PrinterState.PRINTING, "printing")
+    await printer_reaches(driver, lambda s: s.state is PrinterState.PRINTING, "printing")
     assert octoprint_post(octoprint_server, "/api/job", {"command": "cancel"}).status_code == 204
-    status = await wait_for(driver, lambda s: s.state is PrinterState.READY, "ready")
+    status = await printer_reaches(driver, lambda s: s.state is PrinterState.READY, "ready")
     assert (status.last_result, status.last_file) == ("cancelled", "cancelled elsewhere.gcode")
 
 
@@ -71,7 +57,7 @@ async def test_pause_in_octoprint_is_seen(driver: OctoPrintDriver, octoprint_ser
     await driver.start(LONG, "paused elsewhere.gcode")
     reply = octoprint_post(octoprint_server, "/api/job", {"command": "pause", "action": "pause"})
     assert reply.status_code == 204
-    status = await wait_for(driver, lambda s: s.state is PrinterState.PAUSED, "paused")
+    status = await printer_reaches(driver, lambda s: s.state is PrinterState.PAUSED, "paused")
     assert status.file == "paused elsewhere.gcode"
 
 
@@ -89,7 +75,7 @@ async def test_a_new_driver_follows_a_print_in_progress_to_its_end(
         assert status.file == "before restart.gcode"  # OctoPrint kept the name it was uploaded under
         with pytest.raises(PrinterError):
             await fresh.start(SHORT, "second start.gcode")
-        status = await wait_for(fresh, lambda s: s.last_result is not None, "print ended")
+        status = await printer_reaches(fresh, lambda s: s.last_result is not None, "print ended")
         assert (status.state, status.last_result) == (PrinterState.READY, "done")
         assert status.last_file == "before restart.gcode"
     finally:
@@ -98,9 +84,9 @@ async def test_a_new_driver_follows_a_print_in_progress_to_its_end(
 
 async def test_names_are_made_acceptable_to_octoprint(driver: OctoPrintDriver) -> None:
     await driver.start(SHORT, "jobs/abc 123/set one")  # folders and no G-code suffix
-    status = await wait_for(driver, lambda s: s.state is PrinterState.PRINTING, "printing")
+    status = await printer_reaches(driver, lambda s: s.state is PrinterState.PRINTING, "printing")
     assert status.file == "jobs/abc 123/set one"
-    status = await wait_for(driver, lambda s: s.last_result is not None, "print ended")
+    status = await printer_reaches(driver, lambda s: s.last_result is not None, "print ended")
     assert (status.last_result, status.last_file) == ("done", "jobs/abc 123/set one")
 
 
@@ -108,9 +94,9 @@ async def test_printer_disconnected_in_octoprint(
     driver: OctoPrintDriver, octoprint_server: OctoPrintServer
 ) -> None:
     await driver.start(LONG, "unplugged.gcode")
-    await wait_for(driver, lambda s: s.state is PrinterState.PRINTING, "printing")
+    await printer_reaches(driver, lambda s: s.state is PrinterState.PRINTING, "printing")
     assert octoprint_post(octoprint_server, "/api/connection", {"command": "disconnect"}).status_code == 204
-    status = await wait_for(driver, lambda s: s.state is PrinterState.OFFLINE, "offline")
+    status = await printer_reaches(driver, lambda s: s.state is PrinterState.OFFLINE, "offline")
     assert status.reason and "not connected" in status.reason
     assert (status.last_result, status.last_file) == ("failed", "unplugged.gcode")
     with pytest.raises(PrinterOffline):
@@ -139,7 +125,7 @@ async def test_octoprint_stopped_and_started_again(octoprint_factory: OctoPrintF
     try:
         await drv.connect()
         await drv.start(LONG, "interrupted.gcode")
-        await wait_for(drv, lambda s: s.state is PrinterState.PRINTING, "printing")
+        await printer_reaches(drv, lambda s: s.state is PrinterState.PRINTING, "printing")
         await asyncio.to_thread(server.stop)
         status = await drv.status()  # never raises
         assert status.state is PrinterState.OFFLINE

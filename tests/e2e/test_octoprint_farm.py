@@ -28,6 +28,7 @@ from node.client import FarmClient
 from node.farm import NodeProc, ProcessFarm
 from shared.errors import NetqError
 from tests.octoprint_fixture import OctoPrintFactory, OctoPrintServer
+from tests.waiting import until as _until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -80,17 +81,11 @@ def rig(octoprint_factory: OctoPrintFactory, tmp_path_factory: pytest.TempPathFa
 
 # --- helpers -----------------------------------------------------------------------------------------------
 async def until(cond: Callable[[], Awaitable[Any]], timeout: float, what: str, rig: Rig) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = await cond()
-        except NetqError:
-            value = None  # an election or the broker moving: ask again
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    octo_logs = "\n".join(s.log_tail(15) for s in rig.octo.values())
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{rig.farm.logs(60)}\n{octo_logs}")
+    def logs() -> str:
+        return rig.farm.logs(60) + "\n" + "\n".join(s.log_tail(15) for s in rig.octo.values())
+
+    # NetqError: an election or the broker moving: ask again.
+    return await _until(cond, what, timeout, interval=0.1, retry_on=(NetqError,), context=logs)
 
 
 def octo_get(server: OctoPrintServer, path: str) -> Any:

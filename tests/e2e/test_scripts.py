@@ -24,6 +24,7 @@ from node.client import FarmClient
 from node.demo import DEMO_TIMING
 from node.farm import NodeProc, ProcessFarm, gcode_for, mosquitto_broker
 from tests.mosquitto_fixture import require_tool
+from tests.waiting import until as _until
 
 pytestmark = pytest.mark.e2e
 
@@ -109,12 +110,7 @@ def sh(broker: tuple[str, int]) -> Script:
 
 
 async def until(cond: Any, what: str, timeout: float = 30.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (value := await cond()):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-    return value
+    return await _until(cond, what, timeout, interval=0.05)
 
 
 async def jobs(client: FarmClient, namespace: str) -> dict[str, dict[str, Any]]:

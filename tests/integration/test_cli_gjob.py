@@ -4,12 +4,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from node.demo import DEMO_TIMING
 from node.farm import NodeProc, ProcessFarm, gcode_for
 from shared.errors import NetqError
 from shared.gjob import GjobSet, Manifest, read_gjob, write_gjob
+from tests.waiting import until as _until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -53,16 +52,7 @@ def netq(node: NodeProc, *args: str) -> str:
 
 
 async def until(cond: Callable[[], Awaitable[Any]], timeout: float, what: str, farm: ProcessFarm) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = await cond()
-        except NetqError:
-            value = None
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{farm.logs()}")
+    return await _until(cond, what, timeout, interval=0.1, retry_on=(NetqError,), context=farm.logs)
 
 
 async def test_netq_add_gjob_queues_its_sets_counts_materials_and_profiles_and_export_gives_it_back(

@@ -3,8 +3,6 @@ paho clients, SQLite replicas and simulated printers that journal every start.""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -15,21 +13,14 @@ from node.client import FarmClient
 from node.demo import DEMO_TIMING
 from node.farm import ProcessFarm
 from shared.errors import NetqError
+from tests.waiting import until as _until
 
 pytestmark = pytest.mark.integration
 
 
 async def until(cond: Callable[[], Any], timeout: float, what: str, farm: ProcessFarm) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = await cond() if asyncio.iscoroutinefunction(cond) else cond()
-        except NetqError:
-            value = None  # no arbiter at this instant (an election, or the broker moving): ask again
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{farm.logs()}")
+    # NetqError: no arbiter at this instant (an election, or the broker moving): ask again.
+    return await _until(cond, what, timeout, interval=0.1, retry_on=(NetqError,), context=farm.logs)
 
 
 @pytest.fixture
@@ -100,10 +91,7 @@ async def test_killing_broker_host_and_arbiter_keeps_every_acknowledged_job(farm
         assert client.address != old_broker
 
         async def new_arbiter() -> Any:
-            try:
-                data = await client.request("node/list", timeout=2)
-            except Exception:
-                return None
+            data = await client.request("node/list", timeout=2)  # NetqError: asked again by until()
             return data if data["arbiter"] != victim.node_id else None
 
         data = await until(new_arbiter, 30, "a new arbiter", farm4)

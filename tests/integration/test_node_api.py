@@ -26,6 +26,7 @@ from node.link.base import Message
 from shared.models import CopyState, Material, WorkerState, job_key
 from shared.settings import Settings
 from tests.conftest import AmqttServer
+from tests.waiting import until as _until
 
 pytestmark = pytest.mark.integration
 
@@ -35,15 +36,7 @@ TIMING = {"heartbeat_s": 0.1, "election_timeout_s": 0.5, "lease_s": 60.0, "lock_
 
 async def until(cond: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
     """Wait for ``cond()`` to be truthy (polled), or fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
+    return await _until(cond, what, timeout)
 
 
 def gcode(seconds: float, tag: str) -> bytes:

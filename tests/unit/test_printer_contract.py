@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -21,6 +22,7 @@ from node.printers.octoprint import OctoPrintDriver
 from node.printers.simulated import SimulatedPrinter
 from shared.errors import PrinterError, PrinterOffline
 from tests.octoprint_fixture import OctoPrintServer, free_port, octoprint_factory, octoprint_server
+from tests.waiting import printer_reaches
 
 __all__ = ["octoprint_factory", "octoprint_server"]  # fixtures, imported for pytest to find
 
@@ -43,15 +45,7 @@ class Harness:
 async def wait_for(
     driver: PrinterDriver, check: Callable[[PrinterStatus], bool], what: str, timeout: float = DEADLINE
 ) -> PrinterStatus:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        status = await driver.status()
-        if check(status):
-            return status
-        if loop.time() > deadline:
-            pytest.fail(f"{what}: not reached within {timeout:.0f}s, last status {status}")
-        await asyncio.sleep(POLL)  # polling interval of a bounded wait
+    return cast(PrinterStatus, await printer_reaches(driver, check, what, timeout))
 
 
 def is_ready(status: PrinterStatus) -> bool:

@@ -166,7 +166,7 @@ def test_job_update_move_and_remove() -> None:
     _add(state, _body(count=2), 1)
     _add(state, _body(), 2)
     _add(state, _body(), 3)
-    order = lambda: [j.id for j in state.jobs("default")]  # noqa: E731
+    order = lambda: [j.id for j in state.jobs("default")]
     assert order() == ["j1", "j2", "j3"]
     out = api.job_move(state, {"id": "j3", "position": 0}, api.Context(now=0, new_id=str))
     state.apply(StoredObject(key=k, stamp=(1, 9), value=v) for k, v in out.writes)
