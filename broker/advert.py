@@ -182,6 +182,20 @@ class Adverts:
         self._own, self._own_info = own, info
         log.debug("advert updated: %s", own)
 
+    async def refresh(self) -> None:
+        """Announce our current advert again. mDNS sends a change once (three packets, about a second): a node
+        cut off from us then (a partition, a pulled cable) keeps our previous advert in its cache until it
+        happens to ask, which can be an hour. Repeating the announcement lets two sides of a healed split learn
+        each other's brokers, and so merge onto one. A no-op while an announcement is still being sent."""
+        if self._state != "running" or self._zc is None or self._own_info is None:
+            return
+        if isinstance(self._broadcast, asyncio.Future) and not self._broadcast.done():
+            return
+        try:
+            self._broadcast = await self._zc.async_update_service(self._own_info)
+        except (ZeroconfError, OSError) as exc:
+            raise BrokerError(f"cannot announce advert of {self._own_info.name!r}: {exc!r}") from exc
+
     async def close(self) -> None:
         """Withdraw our advert (goodbye sent and awaited), stop browsing, close zeroconf. Idempotent."""
         if self._state in ("closing", "closed"):

@@ -202,6 +202,7 @@ class BrokerHost:
         probe_interval: float = 0.5,
         probe_timeout: float = 0.5,
         probe_failures: int = 2,
+        refresh_interval: float = 4.0,
         service_port: int = 0,
         max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES,
         broker_plugins: Mapping[str, Mapping[str, Any]] | None = None,
@@ -209,12 +210,14 @@ class BrokerHost:
         """``farm``: fingerprint or ``open``; ``proto``: ``shared.PROTOCOL_VERSION``.
         ``interfaces``: IPv4 addresses for zeroconf. ``broker_host``: where the embedded broker binds and
         what it advertises (default: the first interface). ``settle``: after registering, how long to look
-        for other nodes before hosting. ``probe_failures``: failed probes in a row before a broker is dead."""
+        for other nodes before hosting. ``probe_failures``: failed probes in a row before a broker is dead.
+        ``refresh_interval``: how often our advert is announced again (see :meth:`Adverts.refresh`)."""
         try:
             check_node_id(node_id)
         except ProtocolError as exc:
             raise ConfigError(str(exc)) from exc
-        if priority < 0 or probe_interval <= 0 or probe_timeout <= 0 or probe_failures < 1 or settle < 0:
+        if (priority < 0 or probe_interval <= 0 or probe_timeout <= 0 or probe_failures < 1 or settle < 0
+                or refresh_interval <= 0):
             raise ConfigError("priority, settle and probe settings must be positive")
         if not interfaces:
             raise ConfigError("at least one zeroconf interface address is needed")
@@ -225,6 +228,7 @@ class BrokerHost:
         self._timing = timing if timing is not None else Timing()
         self._settle = settle
         self._interval = probe_interval
+        self._refresh_interval = refresh_interval
         self._probes = _Probes(probe_timeout, probe_failures)
         self._service_port = service_port
         self._max_packet_bytes = max_packet_bytes
@@ -316,10 +320,15 @@ class BrokerHost:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        refreshed = loop.time()
         while True:
             self._wake.clear()
             try:
                 await self._step(loop.time)
+                if loop.time() - refreshed >= self._refresh_interval:
+                    refreshed = loop.time()
+                    assert self._adverts is not None
+                    await self._adverts.refresh()
             except BrokerError as exc:
                 self._log_failure(str(exc))
             except Exception as exc:  # noqa: BLE001 - the loop must outlive a bug; logged with traceback
