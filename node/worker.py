@@ -572,6 +572,15 @@ class Worker:
         si = int(local["set"]) if local else 0
         run = int(local["run"]) if local else 0
         phase = str(local.get("phase") or "printing") if local else "printing"
+        if printer_state not in (PrinterState.PRINTING, PrinterState.PAUSED) and not self._committed(held.key):
+            # What our replica says may be an entry its arbiter never got committed (we may have been that
+            # arbiter): a start we hold is not ours to print, nor to report on, until the farm confirms it.
+            # Found by the LAN chaos tests: an arbiter killed just after proposing its own start came back and
+            # printed the copy, which the next arbiter had (rightly) as only granted, and granted again.
+            self.current = None
+            self._set(WorkerState.FETCHING, "waiting for the farm to confirm the start")
+            await self._wait(self.settings.timing.work_retry_s)
+            return
         paths = [await self.ensure_file(s.sha256, list(s.holders), self._fetch_progress) for s in job.sets]
         if printer_state in (PrinterState.PRINTING, PrinterState.PAUSED):
             at = parse_print_name(job.id, held.copy_index, file)
