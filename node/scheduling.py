@@ -56,8 +56,21 @@ class Scheduling:
     """Chooses copies for printers and explains why a job cannot be printed, from the replicated state."""
 
     def __init__(self, settings: Settings) -> None:
-        self.params = S.SchedulerParams()
+        self.settings = settings.scheduler
+        self.params = self.settings.params()
+        self._shifts = self.settings.shifts()
+        self._schedules: dict[int, S.OperatorSchedule] = {}
         self._views: dict[tuple[str, tuple[int, int], int, int], S.CopyView] = {}
+
+    def operators(self, now: float) -> S.OperatorSchedule:
+        """The operator schedule of ``[scheduler]`` in force at ``now`` (its timezone's offset then)."""
+        if self._shifts is None:
+            return S.ALWAYS
+        offset = self.settings.utc_offset_s(now)
+        schedule = self._schedules.get(offset)
+        if schedule is None:
+            schedule = self._schedules[offset] = S.OperatorSchedule(self._shifts, offset)
+        return schedule
 
     def candidates(self, state: FarmState) -> list[S.CopyView]:
         """Every queued copy of an unpaused queue, as scheduler views (cached per job revision)."""
@@ -82,7 +95,7 @@ class Scheduling:
     def chooser(self) -> Chooser:
         def choose(state: FarmState, node: str, caps: Capabilities, namespaces: Sequence[str],
                    now: float) -> Pick | None:
-            printer = printer_view(node, caps, list(namespaces) or state.namespaces())
+            printer = printer_view(node, caps, list(namespaces) or state.namespaces(), self.operators(now))
             choice = S.choose(printer, self.candidates(state), now, self.params)
             if choice is None:
                 return None

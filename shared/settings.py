@@ -7,12 +7,17 @@ Reading the file and the environment happens in :mod:`node.config`; this module 
 from __future__ import annotations
 
 import enum
+import re
+import zoneinfo
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.models import NAMESPACE_RE, NODE_ID_RE, Material
+from shared.scheduling.operators import ALWAYS, OperatorSchedule, Shift
+from shared.scheduling.params import SchedulerParams
 
 
 class SafetyMode(enum.StrEnum):
@@ -111,6 +116,69 @@ class HomeAssistantSettings(Section):
     prefix: str = "homeassistant"
 
 
+_OFFSET_RE = re.compile(r"^(?:UTC)?(?P<sign>[+-])(?P<h>\d{1,2}):(?P<m>\d{2})$")
+
+
+class SchedulerSettings(SchedulerParams):
+    """``[scheduler]``: the scheduler's parameters (:class:`SchedulerParams`, ``docs/scheduling.md``) and when
+    an operator is at the farm to swap filament and clear beds. The arbiter's settings are the ones that count:
+    keep this section the same on every node."""
+
+    operator_shifts: list[str] | None = None
+    """Weekly shifts in local time (``timezone``), e.g. ``["Mon-Fri 06:00-22:00", "Sat 08:00-14:00"]``;
+    ``"daily 22:00-06:00"`` runs past midnight. Not set: an operator is always there. ``[]``: never
+    (lights-out)."""
+
+    timezone: str = "UTC"
+    """The local time of ``operator_shifts``: an IANA name (``"Europe/Berlin"``) or a fixed offset
+    (``"+02:00"``). The offset in force when a printer asks for work applies to the whole estimate."""
+
+    @field_validator("operator_shifts")
+    @classmethod
+    def _shifts_parse(cls, shifts: list[str] | None) -> list[str] | None:
+        for text in shifts or ():
+            Shift.parse(text)  # its ValueError names the shift and the expected form
+        return shifts
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone_known(cls, name: str) -> str:
+        _zone(name)
+        return name
+
+    def params(self) -> SchedulerParams:
+        """The scheduler's parameters alone."""
+        return SchedulerParams(**{k: getattr(self, k) for k in SchedulerParams.model_fields})
+
+    def shifts(self) -> tuple[Shift, ...] | None:
+        """The parsed shifts (``None``: no schedule, an operator is always there)."""
+        return None if self.operator_shifts is None else tuple(Shift.parse(s) for s in self.operator_shifts)
+
+    def utc_offset_s(self, now: float) -> int:
+        """The timezone's offset from UTC at ``now`` (POSIX seconds)."""
+        offset = datetime.fromtimestamp(now, _zone(self.timezone)).utcoffset()
+        return int(offset.total_seconds()) if offset is not None else 0
+
+    def operators(self, now: float) -> OperatorSchedule:
+        """The operator schedule in force at ``now``."""
+        shifts = self.shifts()
+        return ALWAYS if shifts is None else OperatorSchedule(shifts, self.utc_offset_s(now))
+
+
+def _zone(name: str) -> tzinfo:
+    match = _OFFSET_RE.match(name.strip())
+    if match is not None:
+        hours, minutes = int(match["h"]), int(match["m"])
+        if hours > 14 or minutes >= 60:
+            raise ValueError(f"not a UTC offset: {name!r}")
+        sign = -1 if match["sign"] == "-" else 1
+        return timezone(sign * timedelta(hours=hours, minutes=minutes))
+    try:
+        return zoneinfo.ZoneInfo(name.strip()) if name.strip().upper() != "UTC" else UTC
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown timezone {name!r} (expected an IANA name like 'Europe/Berlin', or '+02:00')") from exc
+
+
 class Settings(Section):
     node_id: Annotated[str, Field(pattern=NODE_ID_RE)]
     data_dir: Path
@@ -122,6 +190,7 @@ class Settings(Section):
     worker: WorkerSettings = WorkerSettings()
     files: FilesSettings = FilesSettings()
     homeassistant: HomeAssistantSettings = HomeAssistantSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
 
     @model_validator(mode="after")
     def _witness_has_no_printer(self) -> Settings:

@@ -22,8 +22,8 @@ printer-state change, not per request: they precompute what the decision needs):
 * ``material_types``: types it can print at all (empty = any); ``tags``: free-form capabilities
   (``"ejector"``, ``"enclosure"``); ``self_clearing``: it clears its own bed after a print.
 * ``allow_swaps``: False if it must only get work matching what is loaded (no operator can reach it).
-* ``operator``: the :class:`OperatorSchedule` from the settings (``OperatorSchedule.parse(["Mon-Fri
-  08:00-17:00"], utc_offset_s)``; ``ALWAYS`` if none is configured, ``NEVER`` for lights-out).
+* ``operator``: the :class:`OperatorSchedule` in force, from the settings' ``[scheduler]`` section
+  (``settings.scheduler.operators(now)``: ``ALWAYS`` if no shifts are configured, ``NEVER`` for ``[]``).
 
 :class:`CopyView` — one per queued copy, all namespaces (state ``queued``; never claimed, printing or
 finished ones; ``choose`` skips what the printer cannot print, and uses the rest's work to judge how long the
@@ -42,7 +42,7 @@ queue is):
 for the work only they can do, and pull forward copies that would otherwise end after the rest of the queue.
 Rebuild it when a printer joins, leaves or changes capabilities (not when only loaded material changes).
 
-:class:`SchedulerParams` belongs in the farm's settings. Submission and ``netq jobs`` use
+:class:`SchedulerParams` comes from the same section (``settings.scheduler.params()``). Submission and ``netq jobs`` use
 :func:`why_unprintable` (enrolled printers with ``consider_loaded=False`` to refuse a job; online printers
 to say why a queued job waits), and :func:`compatible` for one printer.
 """

@@ -77,7 +77,11 @@ class Shift:
             days = _days(match["days"])
         except ValueError as exc:
             raise ValueError(f"unknown day name in shift {text!r}") from exc
-        return cls(days, _minutes(match["start"]) % (24 * 60), _minutes(match["end"]))
+        try:
+            start, end = _minutes(match["start"]), _minutes(match["end"])
+        except ValueError as exc:
+            raise ValueError(f"{exc} in shift {text!r}") from exc
+        return cls(days, start % (24 * 60), end)
 
     def intervals(self) -> Iterator[tuple[int, int]]:
         """Intervals ``[a, b)`` in seconds from Monday 00:00, possibly ending past the end of the week."""
