@@ -6,6 +6,10 @@ Run ``python bench/scheduler.py``. It prints a table, then one JSON line (last) 
 scheduler, and the raw numbers of every policy; and the time ``choose()`` takes over 10,000 queued copies.
 Targets (issue 5): makespan within 1.10 × the lower bound on every workload; at most half the swaps of
 in-order first-fit on the mixed workloads. ``docs/scheduling.md`` explains the results.
+
+``python bench/scheduler.py --seeds 11-16`` runs the scheduler and in-order first-fit on the default seed and
+the given ones instead (no FIFO, no timing) and prints, per workload, the figures of each seed and one JSON
+line with them (about 30 s on two cores).
 """
 
 from __future__ import annotations
@@ -103,7 +107,63 @@ def time_choose(params: SchedulerParams, n: int = 10_000, repeat: int = 7) -> di
     }
 
 
+def _seed_run(job: tuple[str, int | None]) -> tuple[str, int | None, dict[str, Any]]:
+    name, seed = job
+    w = WORKLOADS[name]() if seed is None else WORKLOADS[name](seed)
+    bound = lower_bound(w).value_s
+    params = SchedulerParams()
+    ours = simulate(w, choose, params, name="scheduler")
+    in_order = simulate(w, in_order_first_fit, params, name="in_order")
+    return name, seed, {
+        "lower_bound_h": round(bound / HOUR, 2),
+        "makespan_vs_lower_bound": _ratio(ours.makespan_s, bound),
+        "swaps_vs_in_order": _ratio(ours.swaps, in_order.swaps),
+        "in_order_vs_lower_bound": _ratio(in_order.makespan_s, bound),
+    }
+
+
+def seeds_main(seeds: list[int]) -> int:
+    """Per-seed figures of every workload: the default seed (``None``) and ``seeds``."""
+    from multiprocessing import Pool
+
+    started = time.perf_counter()
+    jobs = [(name, seed) for name in WORKLOADS for seed in [None, *seeds]]
+    with Pool(2) as pool:
+        results = pool.map(_seed_run, jobs)
+    summary: dict[str, Any] = {"bench": "scheduler-seeds", "seeds": ["default", *seeds], "workloads": {}}
+    for name in WORKLOADS:
+        rows = [r for n, _, r in results if n == name]
+        ratios = [r["makespan_vs_lower_bound"] or 0.0 for r in rows]
+        swaps = [r["swaps_vs_in_order"] for r in rows]
+        summary["workloads"][name] = {
+            "makespan_vs_lower_bound": ratios,
+            "swaps_vs_in_order": swaps,
+            "in_order_vs_lower_bound": [r["in_order_vs_lower_bound"] for r in rows],
+            "mean": round(statistics.mean(ratios), 3),
+            "worst": max(ratios),
+            "seeds_within_target": sum(1 for x in ratios if x <= MAKESPAN_TARGET),
+        }
+        print(f"{name:16s} × bound {' '.join(f'{x:.3f}' for x in ratios)}  mean {statistics.mean(ratios):.3f} "
+              f"worst {max(ratios):.3f}  swaps vs in-order {' '.join('—' if x is None else f'{x:.2f}' for x in swaps)}")
+    summary["elapsed_s"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(summary, separators=(",", ":")))
+    return 0
+
+
+def _parse_seeds(text: str) -> list[int]:
+    seeds: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        seeds.extend(range(int(first), int(last or first) + 1))
+    return seeds
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--seeds":
+        return seeds_main(_parse_seeds(sys.argv[2]))
+    if len(sys.argv) > 1:
+        print("usage: bench/scheduler.py [--seeds 11-16]", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     params = SchedulerParams()
     summary: dict[str, Any] = {"bench": "scheduler", "workloads": {}}

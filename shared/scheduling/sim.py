@@ -214,6 +214,10 @@ class _Sim:
             self.push(at, _ARRIVE, i)
         for i in range(len(self.printers)):
             self.idle.add(i)
+        self.advance()
+
+    def advance(self) -> None:
+        """Handle events until none is left (the run's end)."""
         while self.events:
             now, kind, _, arg = heapq.heappop(self.events)
             if kind == _ARRIVE:
