@@ -32,7 +32,7 @@ from node.worker import Worker
 from shared import PROTOCOL_VERSION
 from shared import protocol as P
 from shared.errors import ConfigError, FileStoreError, NetqError
-from shared.models import NodeState, WorkerState
+from shared.models import NodeState, StoredObject, WorkerState, member_key
 from shared.settings import Settings
 from shared.topics import Topics
 
@@ -83,6 +83,7 @@ class NodeAgent:
         self._last_publish = -1e9
         self._progress_pending = False
         self._replicating: set[str] = set()
+        self._retired_said = False
         self._tasks: list[asyncio.Task[None]] = []
         self.on_stop: list[Callable[[], Any]] = []
 
@@ -122,9 +123,13 @@ class NodeAgent:
             self.worker = Worker(s, self.consensus, self.link, self.printer, self.ensure_file,
                                  self.schedule_publish)
         self.consensus.direct_handlers.append(self._on_direct)
-        self.link.subscribe(self.topics.node_state_filter, self._on_node_state)
+        self.consensus.on_deaf.append(self._reconnect)
+        # QoS 0: retained state, superseded by the next message and sent again on every reconnect.
+        self.link.subscribe(self.topics.node_state_filter, self._on_node_state, qos=0)
         self.link.on_connection(self._on_connection)
         self.consensus.on_role.append(lambda _role: self.schedule_publish())
+        self.consensus.on_applied.append(self._check_retired)
+        self._check_retired([], True)
         await self.consensus.start()
         await self.arbiter.start()
         if self.printer is not None:
@@ -155,7 +160,9 @@ class NodeAgent:
         await self.arbiter.stop()
         await self.consensus.stop()
         if self.link.connected:
-            self.link.publish(self.topics.node_state(self.node_id), self._offline_payload(), qos=1, retain=True)
+            # A retired node leaves no record behind (MQTT 3.1.1 §3.3.1.3: an empty retained payload clears).
+            last = b"" if self.retired else self._offline_payload()
+            self.link.publish(self.topics.node_state(self.node_id), last, qos=1, retain=True)
         await self.link.stop()
         if self._broker is not None:
             await self._broker.stop()
@@ -194,6 +201,21 @@ class NodeAgent:
     def _reconnect(self) -> None:
         if isinstance(self._link, MqttLink):
             self._link.reconnect_now()
+
+    @property
+    def retired(self) -> bool:
+        """This node was retired from its farm (``netq node retire``): it votes in no quorum and takes no work."""
+        return self.node_id in self.consensus.state.retired()
+
+    def _check_retired(self, writes: list[StoredObject], snapshot: bool) -> None:
+        mine = member_key(self.node_id)
+        if self._retired_said or not (snapshot or any(o.key == mine for o in writes)):
+            return
+        if self.retired:
+            self._retired_said = True
+            log.warning("%s: this node was retired from farm %s: it no longer counts in quorums, takes no work "
+                        "and is not enrolled again under this id; stop it, or run it with a new node id to add "
+                        "this machine back", self.node_id, self.consensus.farm)
 
     def _monotonic(self) -> float:
         return asyncio.get_running_loop().time()

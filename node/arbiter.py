@@ -11,20 +11,22 @@ import asyncio
 import json
 import logging
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from node import job_from_url, node_api
 from node.consensus import Consensus, NotCommitted, Role
 from node.files.store import FileStore
+from node.homeassistant.publisher import remove_node_entities
 from node.link.base import Link, Message
 from node.replication import FileReplication
 from node.scheduling import Scheduling
 from node.tasks import cancel_and_wait
-from shared import api, claims
+from shared import api, claims, membership
 from shared import protocol as P
 from shared.errors import RequestError
-from shared.models import CopyState, Member, job_key, member_key, txn_key
+from shared.models import CopyState, Job, Member, job_key, member_key, txn_key
 from shared.settings import Settings
 from shared.topics import Topics
 
@@ -51,10 +53,11 @@ class ArbiterServices:
         self._downloads: set[asyncio.Task[None]] = set()
         self.c = consensus
         self.link = link
-        self.topics = Topics(settings.farm.base_topic)
+        self.topics = Topics(settings.farm.base_topic, settings.homeassistant.prefix)
         self.scheduling = scheduling
-        self.choose = scheduling.chooser()
         self.nodes = nodes
+        self.choose = scheduling.chooser(
+            lambda: scheduling.farm_view(self.nodes(), self.c.members, self.c.state.namespaces()))
         self.clock = clock  # monotonic: leases and liveness
         self.wall = wall  # wall clock: timestamps people read
         self.waiting: dict[str, P.WorkRequest] = {}
@@ -62,14 +65,19 @@ class ArbiterServices:
         self.gone: set[str] = set()
         self.serving_since: float | None = None
         self.member_change_pending = False
+        self._refused_joins: set[str] = set()  # retired nodes that asked to join: logged once each
         self.replication = FileReplication(self)
         self._inflight: set[str] = set()  # transactions accepted but not yet answered
+        self._recent_jobs: deque[str] = deque(maxlen=16)  # keys of the last jobs added (see _dispatch)
         self._last_gc = 0.0
         self._last_upkeep = 0.0
         self._task: asyncio.Task[None] | None = None
         consensus.to_arbiter_handlers.append(self._on_message)
         consensus.on_role.append(self._on_role)
         consensus.listeners.append(self._on_change)
+        # Safety mode available (node/consensus.py): merges of offered records are committed like any change.
+        consensus.merge_commit = self._commit_merge
+        consensus.on_availability.append(self._publish_bridge)
 
     async def start(self) -> None:
         self.link.subscribe(self.topics.request_filter, self._on_request)
@@ -161,11 +169,28 @@ class ArbiterServices:
         if len(printers) == 2 and len(members) == 2:
             warning = ("two printers and no witness cannot keep a quorum when either is gone: add a "
                        "printer-less witness (`netq run --witness`) on any always-on machine")
+        note = self.c.availability_note()  # safety mode available: running without a quorum, or split
+        if note is not None:
+            warning = note if warning is None else f"{note}; {warning}"
         return {
             "farm": self.c.farm, "arbiter": self.c.node_id, "term": self.c.term, "commit": self.c.commit[1],
-            "members": sorted(members), "safety": safety, "namespaces": self.c.state.namespaces(),
-            "warning": warning, "version": _version(),
+            "members": sorted(members), "retired": sorted(self.c.state.retired()), "safety": safety,
+            "namespaces": self.c.state.namespaces(), "warning": warning, "version": _version(),
         }
+
+    def _commit_merge(self, writes: list[Write], events: list[dict[str, Any]],
+                      then: Callable[[BaseException | None], None]) -> None:
+        """Commit a merge of another side's records; its claimed copies get a lease like any grant."""
+        def settled(exc: BaseException | None) -> None:
+            if exc is None and self.serving_since is not None:
+                deadline = self.clock() + self.settings.timing.lease_s + self.settings.timing.lock_delay_s
+                for job in self.c.state.jobs():
+                    for copy in job.copies:
+                        if copy.state == CopyState.CLAIMED:
+                            self.leases.setdefault((job.namespace, job.id, copy.index), deadline)
+            then(exc)
+
+        self.commit(writes, events, settled)
 
     def send_to(self, node: str, msg: P.Model) -> None:
         self.link.publish(self.topics.to_node(node), P.encode(msg), qos=1)
@@ -207,6 +232,7 @@ class ArbiterServices:
                 self._respond(path, "error", {}, _peek_transaction(msg.payload), error)
             return
         txn = _peek_transaction(msg.payload)
+        change_members = path in api.MEMBERSHIP
         try:
             body, txn = api.parse_envelope(path, msg.payload)
             if path in api.READING:
@@ -216,8 +242,7 @@ class ArbiterServices:
             handler = api.MUTATING.get(path)
             if handler is None:
                 raise RequestError(f"unknown request {path!r}; known: "
-                                   + ", ".join(sorted([*api.MUTATING, *api.READING, *node_api.NODE_COMMANDS,
-                                                       "node/retire"])))
+                                   + ", ".join(sorted([*api.MUTATING, *api.READING, *node_api.NODE_COMMANDS])))
             if txn is not None:
                 stored = self.c.state.get(txn_key(txn))
                 if stored is not None and stored.get("path") == path:
@@ -232,15 +257,24 @@ class ArbiterServices:
                 self._add_from_urls(msg.topic, body, txn)  # download first, then come back here
                 return
             outcome = handler(self.c.state, body, self._context())
+            if change_members and self.member_change_pending:
+                raise RequestError("another membership change is being committed; retry in a moment")
         except RequestError as exc:
             self._respond(path, "error", {}, txn, str(exc))
             return
         if txn is not None:
             self._inflight.add(txn)
+        if change_members:
+            self.member_change_pending = True  # one at a time, so consecutive quorums overlap
+            self._retiring(outcome.data["node"], outcome.writes)
 
         def answer(exc: BaseException | None) -> None:
             if txn is not None:
                 self._inflight.discard(txn)
+            if change_members:
+                self.member_change_pending = False
+                if exc is None:
+                    self._retired(outcome.data["node"])
             if exc is None:
                 self._respond(path, "ok", outcome.data, txn)
             else:
@@ -251,6 +285,8 @@ class ArbiterServices:
                 answer(NotCommitted("this node stopped being the arbiter"))
                 return
             writes = [_with_holders(k, v, extra_holders) for k, v in outcome.writes]
+            if path == "job/add":
+                self._recent_jobs.append(writes[0][0])
             if txn is not None:
                 writes.append((txn_key(txn), {"path": path, "data": outcome.data, "ts": self.wall()}))
             self._commit(writes, outcome.events, answer)
@@ -293,6 +329,7 @@ class ArbiterServices:
         members = list(self.c.members)
         return api.Context(
             now=self.wall(), new_id=lambda: uuid.uuid4().hex[:12], nodes=nodes, info=self.info(),
+            reachable=frozenset(self._reachable()),
             unprintable=lambda job: self.scheduling.why_unprintable(
                 job, self.scheduling.printers(nodes, members, online_only=False)),
             waiting_reason=lambda job: self.scheduling.why_unprintable(
@@ -337,6 +374,13 @@ class ArbiterServices:
         """Enroll a member: one membership change at a time, so consecutive quorums overlap."""
         if m.node in self.c.members or self.member_change_pending:
             return
+        refused = membership.refuse_enrollment(self.c.state, m.node)
+        if refused is not None:
+            # A retired node that still runs asks again every few heartbeats: say it once, then quietly.
+            level = logging.DEBUG if m.node in self._refused_joins else logging.WARNING
+            self._refused_joins.add(m.node)
+            log.log(level, "not enrolling %s: %s", m.node, refused)
+            return
         self.member_change_pending = True
         member = Member(node_id=m.node, weight=max(0, min(m.weight, 10)), witness=m.witness,
                         enrolled_at=self.wall())
@@ -347,12 +391,41 @@ class ArbiterServices:
         self._commit([(member_key(m.node), member.model_dump(mode="json"))],
                      [{"event": "enrolled", "node": m.node, "witness": m.witness}], settled)
 
+    def _retiring(self, node: str, writes: list[Write]) -> None:
+        """A retirement is proposed: its node gets no more work, and the copies it gave up have no lease."""
+        self.waiting.pop(node, None)
+        for key, _ in writes:
+            if key.startswith("job/"):
+                _, ns, job_id = key.split("/", 2)
+                for k in [k for k in self.leases if k[0] == ns and k[1] == job_id]:
+                    self.leases.pop(k, None)
+
+    def _retired(self, node: str) -> None:
+        """A retirement is committed: remove the node's Home Assistant entities and its retained state."""
+        self.gone.discard(node)
+        remove_node_entities(self.link, self.topics, node)
+        self._clear_retired_states()
+        log.info("%s is retired from the farm (members now: %s)", node, ", ".join(sorted(self.c.members)))
+
+    def _clear_retired_states(self) -> None:
+        """Clear the retained state of retired nodes that are not running. One that still runs keeps its own
+        (it is listed as retired), and clears it when it stops; this catches its last will if it dies."""
+        states = self.nodes()
+        for node in self.c.state.retired():
+            st = states.get(node)
+            if st is not None and st.get("state") != "online":  # our node view drops it once this arrives
+                self.link.publish(self.topics.node_state(node), b"", qos=1, retain=True)  # MQTT 3.1.1 §3.3.1.3
+
     # --- grants ------------------------------------------------------------------------------------------
     def _dispatch(self) -> None:
+        """Grant work to the nodes waiting for it. The holders of the files of recently added jobs are served
+        first, so that a new job goes where its files already are and can start at once (grant and start in
+        one commit) instead of waiting for a download and another round."""
         if not self.active:
             return
         members = self.c.members
-        for node, req in list(self.waiting.items()):
+        prefer = self._holders_of_recent_jobs()
+        for node, req in sorted(self.waiting.items(), key=lambda item: item[0] not in prefer):
             member = members.get(node)
             if member is None or member.witness or node in self.gone:
                 continue
@@ -361,20 +434,32 @@ class ArbiterServices:
                 # It said so after asking (node/accept_jobs, node/pause, its printer gone): the request is stale.
                 continue
             queue_ok = [ns for ns in req.namespaces] if req.namespaces else []
+            start_if = _holds_every_file(node) if req.start_now else None
             result = claims.grant(self.c.state, node, req.capabilities, queue_ok, self.wall(),
-                                  self.c.next_stamp(), self.choose)
+                                  self.c.next_stamp(), self.choose, start_if)
             if result is None:
                 continue
-            change, pick = result
+            change, pick, started = result
             self.waiting.pop(node, None)
             key = (pick.namespace, pick.job, pick.copy_index)
 
-            def granted(exc: BaseException | None, key: tuple[str, str, int] = key) -> None:
-                if exc is None:
+            def granted(exc: BaseException | None, key: tuple[str, str, int] = key, started: bool = started) -> None:
+                if exc is None and not started:
                     # The lease runs on our monotonic clock from the commit of the grant.
                     self.leases[key] = self.clock() + self.settings.timing.lease_s
 
             self._commit(change.writes, change.events, granted)
+
+    def _holders_of_recent_jobs(self) -> set[str]:
+        """Nodes holding every file of one of the last jobs added that still has a queued copy."""
+        out: set[str] = set()
+        for key in list(self._recent_jobs):
+            job = self.c.state.job(key)
+            if job is None or not any(c.state == CopyState.QUEUED for c in job.copies):
+                self._recent_jobs.remove(key)
+                continue
+            out |= set.intersection(*(set(s.holders) for s in job.sets))
+        return out
 
     # --- timers ------------------------------------------------------------------------------------------
     async def _ticker(self) -> None:
@@ -390,6 +475,7 @@ class ArbiterServices:
     def tick(self, now: float) -> None:
         self._expire_leases(now)
         self._check_nodes(now)
+        self._clear_retired_states()
         if now - self._last_upkeep > 1.0:
             self._last_upkeep = now
             self.replication.tick(now)
@@ -412,6 +498,20 @@ class ArbiterServices:
             ch = claims.release(self.c.state, copy.node, ns, job_id, index, copy.grant, "lease expired")
             self._commit(ch.writes, ch.events)
 
+    def _reachable(self) -> set[str]:
+        """Members this arbiter heard from within ``node_timeout_s`` (and itself)."""
+        leader = self.c.leader
+        out = {self.c.node_id}
+        if leader is None:
+            return out
+        now = self.clock()
+        timeout = self.settings.timing.node_timeout_s
+        for node in self.c.members:
+            heard = leader.last_heard.get(node)
+            if node not in self.gone and heard is not None and now - heard <= timeout:
+                out.add(node)
+        return out
+
     def _check_nodes(self, now: float) -> None:
         leader = self.c.leader
         if leader is None or self.serving_since is None:
@@ -427,9 +527,10 @@ class ArbiterServices:
             offline = states.get(node, {}).get("state") == "offline"
             if offline or now - heard > timeout:
                 self._node_gone(node)
+        members = self.c.members
         for node, st in states.items():
-            if node in self.gone or st.get("state") != "online" or st.get("job") is None:
-                continue
+            if node not in members or node in self.gone or st.get("state") != "online" or st.get("job") is None:
+                continue  # a retired node's orphaned copy waits for its finish report or an operator
             # A node that is back and says what its printer is doing settles its orphaned copy.
             where = (str(st.get("namespace") or ""), str(st["job"]), st.get("copy_index"))
             job = self.c.state.job(job_key(where[0], where[1]))
@@ -468,6 +569,10 @@ def _with_holders(key: str, value: dict[str, Any] | None, extra: dict[str, list[
     sets = [dict(s, holders=[*s["holders"], *[h for h in extra.get(s["sha256"], []) if h not in s["holders"]]])
             for s in value["sets"]]
     return (key, dict(value, sets=sets))
+
+
+def _holds_every_file(node: str) -> Callable[[Job], bool]:
+    return lambda job: all(node in s.holders for s in job.sets)
 
 
 def _peek_transaction(payload: bytes) -> str | None:

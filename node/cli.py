@@ -386,7 +386,9 @@ def nodes(config: ConfigOpt = None, broker: BrokerOpt = None, as_json: JsonOpt =
     for n in data["nodes"]:
         roles = [r for r, on in (("arbiter", n.get("arbiter")), ("broker", n.get("broker_host")),
                                  ("witness", n.get("witness"))) if on]
-        if not n.get("enrolled"):
+        if n.get("retired"):
+            roles.append("retired")
+        elif not n.get("enrolled"):
             roles.append("not enrolled")
         progress = f"{n['progress'] * 100:.0f}%" if n.get("progress") is not None else ""
         job = f"{n['job']}#{n['copy_index']}" if n.get("job") else ""
@@ -453,6 +455,32 @@ def job_resolve(job_id: str, copy: int,
     """Settle an orphaned, failed or conflicting copy after checking the printer."""
     _simple("job/resolve", {"namespace": namespace, "id": job_id, "copy": copy, "outcome": outcome}, config,
             broker, as_json, lambda d: f"copy {copy} of {job_id}: {outcome}")
+
+
+@node_app.command("retire")
+def node_retire(
+    node_id: Annotated[str, typer.Argument(help="The member to retire.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    config: ConfigOpt = None,
+    broker: BrokerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Retire a member for good: it stops counting in quorums and is never enrolled again under this id.
+
+    A copy it claimed but has not started goes back to the queue; a copy it is printing becomes orphaned, for
+    `netq job resolve`. The arbiter itself, the last printer, and a change that would leave the farm without a
+    reachable quorum are refused.
+    """
+    if not yes and not typer.confirm(f"Retire {node_id} from the farm for good?"):
+        raise typer.Exit(1)
+
+    def say(d: dict[str, Any]) -> str:
+        lines = [f"retired {d['node']}; members now: {', '.join(d['members'])}"]
+        for what, kind in (("back in the queue", "released"), ("orphaned (see `netq job resolve`)", "orphaned")):
+            lines += [f"  {c['namespace']}/{c['job']} copy {c['copy']}: {what}" for c in d.get(kind, [])]
+        return "\n".join(lines)
+
+    _simple("node/retire", {"node": node_id}, config, broker, as_json, say)
 
 
 @app.command()

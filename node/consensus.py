@@ -25,16 +25,20 @@ from typing import Any
 from node.link.base import Link, Message
 from node.replica import Replica
 from node.tasks import cancel_and_wait
+from shared import merge as M
 from shared import protocol as P
 from shared.errors import ProtocolError
 from shared.models import ZERO_STAMP, Member, Stamp, StoredObject, member_key
-from shared.settings import Settings
+from shared.settings import SafetyMode, Settings
 from shared.state import FarmState, committed_seq, has_quorum, merge_newest
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
 SYNC_RETRY_S = 0.5
+# Safety mode ``available``: a candidate without a quorum counts the members heard within this many election
+# timeouts; a member heard longer ago is taken to be on the other side of a partition.
+HEARD_MEMORY_TIMEOUTS = 3.0
 
 
 class Role(enum.StrEnum):
@@ -61,6 +65,7 @@ class Leadership:
     proposals: list[Proposal] = field(default_factory=list)
     serving: bool = False
     quorum_lost_since: float | None = None
+    degraded: bool = False  # safety mode ``available``: serving without hearing a quorum
 
 
 class Consensus:
@@ -105,6 +110,7 @@ class Consensus:
         self._ack_scheduled = False
         self._last_ack = -1e9
         self._hb_scheduled = False
+        self._last_rx = 0.0  # when a protocol message last came in (or the link was last down)
         self._tasks: list[asyncio.Task[None]] = []
         # Observers: called after state, commit or role changed (the worker, the arbiter services, the view).
         self.listeners: list[Callable[[], None]] = []
@@ -112,6 +118,24 @@ class Consensus:
         self.on_role: list[Callable[[Role], None]] = []
         self.to_arbiter_handlers: list[Callable[[Any], None]] = []
         self.direct_handlers: list[Callable[[Any], None]] = []  # other messages addressed to this node
+        # Called when the link says connected but nothing comes in (see tick): the agent reconnects.
+        self.on_deaf: list[Callable[[], None]] = []
+
+        # Safety mode ``available`` (docs/protocol.md, "Safety mode available"); all of it idle in ``quorum``.
+        self.available = settings.farm.safety == SafetyMode.AVAILABLE
+        self._heard: dict[str, float] = {}  # member -> when a protocol message from it last came in
+        self._pre_term = 0  # the term our current pre-vote asks about
+        self._degraded_set: frozenset[str] | None = None  # standing without a quorum: the members heard
+        self._lineage_ok: dict[int, int] = {}  # term we voted in -> our applied term then (same history)
+        self._merging: set[str] = set()  # arbiter: nodes whose offered records are being committed
+        self.records: dict[str, M.MergeRecord] = {}  # what we changed while the farm was split
+        if self.available:
+            raw = replica.get_meta("unconfirmed", []) or []
+            self.records = {r["key"]: M.MergeRecord.model_validate(r, strict=False) for r in raw}
+        # Set by the arbiter services: commits an offer's merge and publishes its writes and events.
+        self.merge_commit: Callable[[list[tuple[str, dict[str, Any] | None]], list[dict[str, Any]],
+                                     Callable[[BaseException | None], None]], None] | None = None
+        self.on_availability: list[Callable[[], None]] = []  # the arbiter's degraded flag changed
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -119,7 +143,7 @@ class Consensus:
         self.link.subscribe(self.topics.election, self._on_election)
         self.link.subscribe(self.topics.to_node(self.node_id), self._on_direct)
         self.link.subscribe(self.topics.to_arbiter(self.node_id), self._on_to_arbiter)
-        self._last_heard = self._clock()
+        self._last_heard = self._last_rx = self._clock()
         self._reset_deadline()
         self._tasks.append(asyncio.create_task(self._ticker(), name=f"consensus-{self.node_id}"))
 
@@ -155,22 +179,29 @@ class Consensus:
         lo, hi = (1.0, 1.25) if self.is_broker_host() else (1.5, 2.5)
         self._deadline = self._clock() + base * self._rng.uniform(lo, hi)
 
-    def send_to_arbiter(self, msg: P.Model) -> bool:
+    def send_to_arbiter(self, msg: P.Model, qos: int = 1) -> bool:
         """Send ``msg`` to the arbiter we follow (False, and nothing sent, if we know of none)."""
         if self.arbiter is None:
             return False
-        self._publish(self.topics.to_arbiter(self.arbiter), msg)
+        self._publish(self.topics.to_arbiter(self.arbiter), msg, qos)
         return True
 
     def _publish(self, topic: str, msg: P.Model, qos: int = 1) -> None:
         self.link.publish(topic, P.encode(msg), qos=qos)
 
     def _decode(self, msg: Message) -> Any:
+        self._last_rx = self._clock()
         try:
-            return P.decode(msg.payload)
+            m = P.decode(msg.payload)
         except ProtocolError as exc:
             log.debug("dropping malformed message on %s: %s", msg.topic, exc)
             return None
+        if self.available:
+            sender = getattr(m, "node", None) or getattr(m, "voter", None) or getattr(m, "candidate", None) \
+                or getattr(m, "arbiter", None)
+            if isinstance(sender, str) and sender != self.node_id:
+                self._heard[sender] = self._last_rx
+        return m
 
     def _accepts_farm(self, farm: str) -> bool:
         return self.farm is None or self.farm == farm
@@ -220,12 +251,14 @@ class Consensus:
         self._learn_commit(hb.term, hb.commit)
         if self.applied[0] < hb.term or self.applied[1] < hb.seq:
             self._request_sync()
+        elif self.records and not hb.partial and self.applied == (hb.term, hb.seq):
+            self._clear_records("every member follows the arbiter again")
         # Entries are acknowledged as they arrive; a heartbeat needs an ack only now and then, as a sign of life
         # (every member acking every heartbeat would be the arbiter's busiest traffic).
         if self._clock() - self._last_ack >= self.settings.timing.node_timeout_s / 4:
             self._schedule_ack()
-        if not self.is_member:
-            self._request_join()
+        if not self.is_member and self.node_id not in self.state.retired():
+            self._request_join()  # a retired node id is never enrolled again: it does not ask
         self._notify()
 
     def _join_farm(self, farm: str) -> str:
@@ -245,10 +278,12 @@ class Consensus:
         self._last_heard = self._clock()
         self._reset_deadline()
         if e.snapshot:
-            if e.stamp > self.applied:
-                self._apply(e.stamp, e.writes, snapshot=True)
+            if e.stamp > self.applied and self._may_replace(e.term, ()):
+                self._apply(e.stamp, e.writes, snapshot=True, partial=e.partial)
+            elif e.stamp > self.applied:
+                self._request_sync()  # offers our records first
         elif self.applied == (e.term, e.seq - 1):
-            self._apply(e.stamp, e.writes, snapshot=False)
+            self._apply(e.stamp, e.writes, snapshot=False, partial=e.partial)
         elif e.stamp > self.applied:
             self._buffer[e.seq] = e
             self._request_sync()
@@ -262,10 +297,12 @@ class Consensus:
         self._buffer = {s: e for s, e in self._buffer.items() if e.term == self.term and s > seq}
         while term == self.term and (seq + 1) in self._buffer:
             e = self._buffer.pop(seq + 1)
-            self._apply(e.stamp, e.writes, snapshot=False)
+            self._apply(e.stamp, e.writes, snapshot=False, partial=e.partial)
             term, seq = self.applied
 
-    def _apply(self, stamp: Stamp, writes: list[StoredObject], *, snapshot: bool) -> None:
+    def _apply(self, stamp: Stamp, writes: list[StoredObject], *, snapshot: bool, partial: bool = False) -> None:
+        if self.available:
+            self._keep_records(writes, snapshot=snapshot, partial=partial)
         self.replica.apply(stamp, writes, snapshot=snapshot)
         if snapshot:
             self.base = (stamp[0], 1)
@@ -289,18 +326,21 @@ class Consensus:
             return
         self._last_ack = self._clock()
         term, seq = self.applied
+        # QoS 0: an ack is cumulative and sent again with the next entry or now and then with a heartbeat, so a
+        # lost one only delays a commit; QoS 1 would double the packets of the farm's busiest traffic.
         if term == self.term:
-            self.send_to_arbiter(P.Ack(node=self.node_id, term=term, seq=seq))
+            self.send_to_arbiter(P.Ack(node=self.node_id, term=term, seq=seq), qos=0)
         else:
             # Still alive and listening, but without this term's snapshot: acknowledge nothing yet.
-            self.send_to_arbiter(P.Ack(node=self.node_id, term=self.term, seq=0))
+            self.send_to_arbiter(P.Ack(node=self.node_id, term=self.term, seq=0), qos=0)
 
     def _request_sync(self) -> None:
         now = self._clock()
         if now - self._last_sync < SYNC_RETRY_S:
             return
         self._last_sync = now
-        self.send_to_arbiter(P.SyncRequest(node=self.node_id, term=self.term, last=self.applied))
+        offer = list(self.records.values()) if self._must_offer(self.term) else []
+        self.send_to_arbiter(P.SyncRequest(node=self.node_id, term=self.term, last=self.applied, offer=offer))
 
     def _request_join(self) -> None:
         now = self._clock()
@@ -317,8 +357,13 @@ class Consensus:
                 return
             self._adopt_term(m.term)
             self.farm = self.farm or self._join_farm(m.farm)
+            if (m.term, m.seq) > self.applied and not self._may_replace(m.term, m.merged):
+                self._request_sync()  # offers our records first
+                return
+            if self.available and self.node_id in m.merged:
+                self._clear_records(f"merged by the arbiter of term {m.term}")
             if (m.term, m.seq) > self.applied:
-                self._apply((m.term, m.seq), m.objects, snapshot=True)
+                self._apply((m.term, m.seq), m.objects, snapshot=True, partial=m.partial)
                 self._drain()
             self._learn_commit(m.term, m.commit)
             self._schedule_ack()
@@ -361,10 +406,16 @@ class Consensus:
             if granted:
                 self.replica.record_vote(m.term, m.candidate)  # durable before it is sent
                 self._reset_deadline()
+        objects = self.state.newer_than(tuple(m.last)) if granted else []  # type: ignore[arg-type]
+        if granted and self.available:
+            self._lineage_ok[m.term] = m.last[0]
+            if self.records and m.last[0] != self.applied[0]:
+                # Our history and the candidate's split apart: stamps of the two do not compare. Our changes
+                # reach its state as an offer (three-way merge), never by stamp.
+                objects = []
         reply = P.VoteReply(
             farm=self.farm, term=self.term, voter=self.node_id, candidate=m.candidate, granted=granted,
-            last=self.applied, base=self.base,
-            objects=self.state.newer_than(tuple(m.last)) if granted else [],  # type: ignore[arg-type]
+            last=self.applied, base=self.base, objects=objects,
         )
         self._publish(self.topics.to_node(m.candidate), reply)
 
@@ -372,20 +423,38 @@ class Consensus:
         """Ask whether a quorum would vote for us, before touching the term."""
         if self.farm is None:
             return
+        term = self._next_term()
+        if term is None:
+            self._reset_deadline()
+            return
         self.role = Role.CANDIDATE
         self._pre = True
+        self._pre_term = term
         self._votes = {}
+        self._degraded_set = None
         self._reset_deadline()
         self._publish(self.topics.election, P.VoteRequest(
-            farm=self.farm, term=self.term + 1, candidate=self.node_id, last=self.applied, pre=True))
+            farm=self.farm, term=term, candidate=self.node_id, last=self.applied, pre=True))
         self._maybe_win()
+
+    def _next_term(self) -> int | None:
+        """The term to stand for: the next one, or in ``available`` mode the next one we own (shared.merge)."""
+        if not self.available:
+            return self.term + 1
+        slot = M.term_slot(self.node_id, [*self.state.members().values(), *self.state.retired().values()])
+        if slot is None:
+            log.debug("%s: no term slot (more members than %d): not standing", self.node_id, M.TERM_SLOTS)
+            return None
+        return M.next_owned_term(self.term, slot)
 
     def _stand(self) -> None:
         """Start a term, vote for ourselves, ask for votes."""
         if self.farm is None:
             return
         self._pre = False
-        term = self.term + 1
+        term = self._next_term()
+        if term is None:
+            return
         self.replica.record_vote(term, self.node_id)
         self.term = term
         self.role = Role.CANDIDATE
@@ -404,7 +473,7 @@ class Consensus:
             return
         if v.pre != self._pre:
             return
-        expected = self.term + 1 if self._pre else self.term
+        expected = self._pre_term if self._pre else self.term
         if v.term != expected:
             if v.term > self.term and not v.pre:
                 self._adopt_term(v.term)
@@ -416,13 +485,33 @@ class Consensus:
     def _maybe_win(self) -> None:
         voters = {self.node_id, *self._votes}
         if not has_quorum(voters, self.members):
+            if self._degraded_set is not None and not self._pre:
+                heard = {n: m for n, m in self.members.items() if n in self._degraded_set}
+                if has_quorum(voters, heard):
+                    self._take_over(degraded=True)
             return
         if self._pre:
             self._stand()
         else:
             self._take_over()
 
-    def _take_over(self) -> None:
+    def _stand_degraded(self, now: float) -> bool:
+        """Safety mode ``available``: a pre-vote round ended without a quorum. Stand anyway if the members who
+        said yes make a majority of the members heard lately (a lone node: itself); True if we stood."""
+        memory = HEARD_MEMORY_TIMEOUTS * self.settings.timing.election_timeout_s
+        heard = frozenset({self.node_id} | {n for n, t in self._heard.items() if now - t <= memory})
+        members = {n: m for n, m in self.members.items() if n in heard}
+        if self.node_id not in members or not has_quorum({self.node_id, *self._votes}, members):
+            return False
+        log.warning("%s: no quorum in sight (heard: %s); standing without one (safety mode available)",
+                    self.node_id, ", ".join(sorted(heard)))
+        self._stand()
+        if self.role == Role.CANDIDATE:
+            self._degraded_set = heard
+            self._maybe_win()
+        return True
+
+    def _take_over(self, degraded: bool = False) -> None:
         """Quorum read done: merge, re-stamp with our term, send as the term's first entry."""
         term = self.term
         sources: list[tuple[Stamp, list[StoredObject]]] = [(self.base, list(self.state.objects.values()))]
@@ -435,13 +524,20 @@ class Consensus:
             for o in merged.values()
             if o.value is not None or o.stamp[0] >= term - 1
         ]
-        self._become_arbiter(term, kept)
+        voters = list(self._votes)
+        self._become_arbiter(term, kept, degraded=degraded)
+        if self.available and self.leader is not None:
+            now = self._clock()
+            for v in voters:  # their votes were heard just now: no false "no quorum" at takeover
+                self.leader.last_heard.setdefault(v, now)
 
-    def _become_arbiter(self, term: int, objects: list[StoredObject]) -> None:
+    def _become_arbiter(self, term: int, objects: list[StoredObject], degraded: bool = False) -> None:
         self.role = Role.ARBITER
         self.arbiter = self.node_id
-        self.leader = Leadership(term=term, next_seq=1)
-        log.info("%s: arbiter of term %d (%d objects)", self.node_id, term, len(objects))
+        self._degraded_set = None
+        self.leader = Leadership(term=term, next_seq=1, degraded=degraded)
+        log.info("%s: arbiter of term %d (%d objects)%s", self.node_id, term, len(objects),
+                 " without a quorum: safety mode available, conflicts possible" if degraded else "")
         self._propose_entry(objects, snapshot=True)
         for cb in list(self.on_role):
             cb(self.role)
@@ -479,12 +575,18 @@ class Consensus:
         seq = leader.next_seq
         leader.next_seq += 1
         stamp = (leader.term, seq)
-        self._apply(stamp, objects, snapshot=snapshot)  # our own durable copy first
+        # Safety mode available: a takeover never knows that every side's changes are in it; an entry made
+        # while some member does not follow us may meet another side's change of the same object.
+        partial = self.available and (snapshot or not self._whole())
+        self._apply(stamp, objects, snapshot=snapshot, partial=partial)  # our own durable copy first
+        if self.available and not partial and self.records:
+            self._clear_records("every member follows us")
         leader.acked[self.node_id] = seq
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         leader.proposals.append(Proposal(seq, fut))
         self._publish(self.topics.log, P.Entry(
-            farm=self.farm, term=leader.term, seq=seq, commit=leader.commit, writes=objects, snapshot=snapshot))
+            farm=self.farm, term=leader.term, seq=seq, commit=leader.commit, writes=objects, snapshot=snapshot,
+            partial=partial))
         self._advance_commit()
         return fut
 
@@ -493,6 +595,8 @@ class Consensus:
         if leader is None:
             return
         commit = committed_seq(leader.acked, self.members)
+        if self.available:
+            commit = max(commit, self._degraded_commit(leader))
         if commit <= leader.commit:
             return
         leader.commit = commit
@@ -519,9 +623,12 @@ class Consensus:
         leader = self.leader
         if leader is None or self.farm is None:
             return
+        partial = self.available and not self._whole()
+        if self.available and not partial and self.records:
+            self._clear_records("every member follows us")
         self._publish(self.topics.log, P.Heartbeat(
             farm=self.farm, term=leader.term, arbiter=self.node_id, seq=leader.next_seq - 1,
-            commit=leader.commit, serving=leader.serving))
+            commit=leader.commit, serving=leader.serving, partial=partial, degraded=leader.degraded))
 
     def _on_to_arbiter(self, msg: Message) -> None:
         leader = self.leader
@@ -541,9 +648,10 @@ class Consensus:
                 self._adopt_term(m.term)
             return
         if isinstance(m, P.SyncRequest):
-            self._publish(self.topics.to_node(m.node), P.Snapshot(
-                farm=self.farm or "", term=leader.term, seq=leader.next_seq - 1, commit=leader.commit,
-                objects=list(self.state.objects.values())))
+            if self.available and m.offer:
+                self._merge_offer(m)
+                return
+            self._send_snapshot(m.node)
             return
         for handler in list(self.to_arbiter_handlers):
             handler(m)
@@ -559,11 +667,14 @@ class Consensus:
                 log.exception("%s: consensus tick failed", self.node_id)
 
     def tick(self, now: float) -> None:
+        self._check_deaf(now)
         if self.role == Role.ARBITER:
             self._heartbeat()
             self._check_quorum(now)
             return
         if not self.link.connected or now < self._deadline:
+            return
+        if self.available and self.role == Role.CANDIDATE and self._pre and self._stand_degraded(now):
             return
         if self.farm is None:
             if self.may_bootstrap():
@@ -576,12 +687,50 @@ class Consensus:
         else:
             self._reset_deadline()
 
+    def _check_deaf(self, now: float) -> None:
+        """A link that says connected but delivers nothing is dropped and made again.
+
+        A member always hears something within about two election timeouts: the arbiter's heartbeats, or, with
+        no arbiter, the pre-votes of the members (its own come back to it too). Hearing nothing for twice that
+        while connected means the connection is up but deaf: seen in the LAN chaos tests after an amqtt "timeout
+        waiting for PUBACK" on a throttled link, with the node then cut off from the farm for good."""
+        if not self.link.connected or self.farm is None or not self.is_member:
+            self._last_rx = now
+            return
+        limit = max(3.0, 4 * self.settings.timing.election_timeout_s)
+        if now - self._last_rx > limit:
+            log.warning("%s: connected, but no protocol message for %.1f s: reconnecting", self.node_id,
+                        now - self._last_rx)
+            self._last_rx = now
+            for cb in list(self.on_deaf):
+                cb()
+
     def _check_quorum(self, now: float) -> None:
-        """An arbiter that has not heard a quorum for an election timeout steps down (it may be cut off)."""
+        """An arbiter that has not heard a quorum for an election timeout steps down (it may be cut off).
+
+        In safety mode ``available`` it goes on serving instead, marked degraded (it says so in its heartbeats
+        and in the bridge info), and commits with the members that still follow it."""
         leader = self.leader
         assert leader is not None
         window = self.settings.timing.election_timeout_s * 2
         heard = {n for n, t in leader.last_heard.items() if now - t <= window} | {self.node_id}
+        if self.available:
+            lost = not has_quorum(heard, self.members)
+            if not lost:
+                leader.quorum_lost_since = None
+            elif leader.quorum_lost_since is None:
+                leader.quorum_lost_since = now
+            # Degraded once a quorum has been out of hearing for a whole window, as quorum mode steps down then.
+            since = leader.quorum_lost_since
+            degraded = since is not None and (leader.degraded or now - since > window)
+            if degraded != leader.degraded:
+                leader.degraded = degraded
+                log.warning("%s: %s", self.node_id, "no quorum: serving in safety mode available, conflicts "
+                            "possible" if degraded else "a quorum is back")
+                for cb in list(self.on_availability):
+                    cb()
+            self._advance_commit()  # followers may have gone: the degraded commit counts the ones left
+            return
         if has_quorum(heard, self.members):
             leader.quorum_lost_since = None
         elif leader.quorum_lost_since is None:
@@ -590,5 +739,115 @@ class Consensus:
             self._step_down("lost contact with a quorum")
 
 
+    # --- safety mode available: records, offers, the degraded commit ------------------------------------
+    @property
+    def degraded(self) -> bool:
+        """This node is the arbiter and serves without hearing a quorum (safety mode ``available``)."""
+        return self.leader is not None and self.leader.degraded
+
+    def availability_note(self) -> str | None:
+        """What a person should read about the farm's safety right now (None: nothing to say)."""
+        if not self.available or self.leader is None:
+            return None
+        if self.leader.degraded:
+            return ("no quorum: available mode, conflicts possible (this side of the farm keeps printing; "
+                    "conflicts are reported on netq/events and by `netq jobs` after the heal)")
+        if not self._whole():
+            return "not every member follows the arbiter: available mode, conflicts possible after a heal"
+        return None
+
+    def _lineage_matches(self, term: int) -> bool:
+        """We voted in ``term`` for a candidate whose history was ours: its takeover holds our changes."""
+        return self._lineage_ok.get(term) == self.applied[0]
+
+    def _must_offer(self, term: int) -> bool:
+        return self.available and bool(self.records) and self.applied[0] != term \
+            and not self._lineage_matches(term)
+
+    def _may_replace(self, term: int, merged: Any) -> bool:
+        """May a snapshot of ``term`` replace our state? Not while it may lack our records (available mode)."""
+        return not self._must_offer(term) or self.node_id in merged
+
+    def _keep_records(self, writes: list[StoredObject], *, snapshot: bool, partial: bool) -> None:
+        """Before ``writes`` are applied: keep records of what a partial entry or snapshot changes here."""
+        if not partial:
+            return
+        after: dict[str, dict[str, Any] | None] = {o.key: o.value for o in writes}
+        if snapshot:
+            for key in self.state.objects:
+                after.setdefault(key, None)  # a snapshot drops what it does not hold
+        before = {k: self.state.get(k) for k in after}
+        records = M.record_changes(self.records, before, after)
+        if records != self.records:
+            self.records = records
+            self.replica.set_meta(unconfirmed=[r.model_dump(mode="json") for r in records.values()])
+
+    def _clear_records(self, why: str) -> None:
+        if not self.records:
+            return
+        log.info("%s: %d records of the split settled (%s)", self.node_id, len(self.records), why)
+        self.records = {}
+        self.replica.set_meta(unconfirmed=[])
+
+    def _followers(self, leader: Leadership) -> set[str]:
+        """Members that hold our term's snapshot (they acked a seq of it) and were heard lately, and us."""
+        now = self._clock()
+        timeout = self.settings.timing.node_timeout_s
+        return {self.node_id} | {
+            n for n, seq in leader.acked.items()
+            if seq >= 1 and now - leader.last_heard.get(n, -1e9) <= timeout
+        }
+
+    def _whole(self) -> bool:
+        leader = self.leader
+        return leader is not None and set(self.members) <= self._followers(leader)
+
+    def _degraded_commit(self, leader: Leadership) -> int:
+        """Without a quorum: the seq held by a majority (by weight) of the members that follow us.
+
+        Only for an arbiter elected without a quorum, or one that has served and lost it: a new arbiter of a
+        quorum waits for its voters to follow it, as in ``quorum`` mode."""
+        followers = self._followers(leader)
+        if has_quorum(followers, self.members) or not (leader.degraded or leader.serving):
+            return 0  # the ordinary commit rule decides
+        members = {n: m for n, m in self.members.items() if n in followers}
+        return committed_seq({n: s for n, s in leader.acked.items() if n in members}, members)
+
+    def _send_snapshot(self, node: str, merged: list[str] | None = None) -> None:
+        leader = self.leader
+        if leader is None:
+            return
+        self._publish(self.topics.to_node(node), P.Snapshot(
+            farm=self.farm or "", term=leader.term, seq=leader.next_seq - 1, commit=leader.commit,
+            objects=list(self.state.objects.values()), partial=self.available and not self._whole(),
+            merged=merged or []))
+
+    def _merge_offer(self, m: P.SyncRequest) -> None:
+        """A node of another side offers what it changed during the split: merge it (shared.merge), commit
+        the result as an ordinary change of our term, then send that node our state, naming it as merged."""
+        if m.node in self._merging:
+            return  # its earlier offer is being committed; the answer covers this one
+        leader = self.leader
+        assert leader is not None
+        objects = {k: o.value for k, o in self.state.objects.items()}
+        writes, events = M.merge_offer(objects, m.offer)
+        log.warning("%s: merging %d records offered by %s: %d changes, %d conflicts", self.node_id,
+                    len(m.offer), m.node, len(writes), len(events))
+        self._merging.add(m.node)
+        term = leader.term
+
+        def done(exc: BaseException | None) -> None:
+            self._merging.discard(m.node)
+            if exc is None and self.leader is not None and self.leader.term == term:
+                self._send_snapshot(m.node, merged=[m.node])
+
+        if self.merge_commit is not None:
+            self.merge_commit(writes, events, done)
+        else:
+            fut = self.propose(writes)
+            fut.add_done_callback(lambda f: done(f.exception()))
+
+
 class NotCommitted(Exception):
     """A proposal was not committed by this arbiter (it stepped down); the request may be retried."""
+

@@ -6,7 +6,7 @@ rebuild thousands of them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from shared import scheduling as S
@@ -61,6 +61,7 @@ class Scheduling:
         self._shifts = self.settings.shifts()
         self._schedules: dict[int, S.OperatorSchedule] = {}
         self._views: dict[tuple[str, tuple[int, int], int, int], S.CopyView] = {}
+        self._farm: S.FarmView | None = None
 
     def operators(self, now: float) -> S.OperatorSchedule:
         """The operator schedule of ``[scheduler]`` in force at ``now`` (its timezone's offset then)."""
@@ -92,11 +93,27 @@ class Scheduling:
         self._views = fresh
         return out
 
-    def chooser(self) -> Chooser:
+    def farm_view(self, nodes: dict[str, dict[str, Any]], members: Iterable[str],
+                  namespaces: Sequence[str]) -> S.FarmView | None:
+        """The members' online printers as the scheduler's farm view (None when none is known), rebuilt only
+        when a printer comes, goes or changes capabilities, so that its per-requirement counts stay cached.
+        ``namespaces``: the farm's queues, which a printer with no list of its own serves (as in ``choose``)."""
+        printers = tuple(p if p.namespaces else _serving(p, *namespaces)
+                         for p in self.printers(nodes, members, online_only=True))
+        if not printers:
+            return None
+        if self._farm is None or self._farm.printers != printers:
+            self._farm = S.FarmView(printers)
+        return self._farm
+
+    def chooser(self, farm: Callable[[], S.FarmView | None] = lambda: None) -> Chooser:
+        """The arbiter's choice. ``farm`` gives the printers that could take work now: with it the policy keeps
+        scarce printers for the work only they can print, leaves shared work to self-clearing printers and pulls
+        long copies forward near the end of the queue (docs/scheduling.md); without it those terms are off."""
         def choose(state: FarmState, node: str, caps: Capabilities, namespaces: Sequence[str],
                    now: float) -> Pick | None:
             printer = printer_view(node, caps, list(namespaces) or state.namespaces(), self.operators(now))
-            choice = S.choose(printer, self.candidates(state), now, self.params)
+            choice = S.choose(printer, self.candidates(state), now, self.params, farm())
             if choice is None:
                 return None
             return Pick(choice.copy.namespace, choice.job_id, choice.copy_index)
@@ -127,8 +144,8 @@ class Scheduling:
         return S.why_unprintable(view, printers, consider_loaded=False)
 
 
-def _serving(p: S.PrinterView, namespace: str) -> S.PrinterView:
-    return S.PrinterView(node_id=p.node_id, profile=p.profile, namespaces=(namespace,), loaded=p.loaded,
+def _serving(p: S.PrinterView, *namespaces: str) -> S.PrinterView:
+    return S.PrinterView(node_id=p.node_id, profile=p.profile, namespaces=namespaces, loaded=p.loaded,
                          nozzle_mm=p.nozzle_mm, bed_mm=p.bed_mm, circular_bed=p.circular_bed, aliases=p.aliases,
                          material_types=p.material_types, tags=p.tags, self_clearing=p.self_clearing,
                          allow_swaps=p.allow_swaps, operator=p.operator)

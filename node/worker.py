@@ -315,6 +315,8 @@ class Worker:
             self._set(WorkerState.PAUSED, "queue work paused on this node")
         elif not self.accept_jobs:
             self._set(WorkerState.IDLE, "not accepting jobs")
+        elif self.node_id in self.c.state.retired():
+            self._set(WorkerState.IDLE, "retired from the farm (netq node retire): stop this node")
         elif not self.c.is_member:
             self._set(WorkerState.IDLE, "waiting to be enrolled in the farm")
         elif self.c.arbiter is None and self.c.leader is None:
@@ -333,7 +335,7 @@ class Worker:
                 self._last_request = now
                 self._requested_term = term
                 self._send(P.WorkRequest(node=self.node_id, capabilities=self.capabilities,
-                                         namespaces=list(self.settings.worker.namespaces)))
+                                         namespaces=list(self.settings.worker.namespaces), start_now=True))
         await self._wait(self.settings.timing.work_retry_s)
 
     def _send(self, msg: P.Model) -> None:
@@ -358,8 +360,7 @@ class Worker:
         if not await self._start_committed(held):
             self.current = None
             return
-        self._save_local(held, 0, 0, "ready")
-        await self._print_all(held, job, paths, start_set=0, start_run=0)
+        await self._print_all(held, job, paths, start_set=0, start_run=0)  # its first step records "ready"
 
     async def _start_committed(self, held: Held) -> bool:
         """Ask for the start and wait until it is committed; False if the copy is no longer ours."""
@@ -600,12 +601,12 @@ class Worker:
             return
         if local is None:
             # No record of this copy: we never reached the point of calling the printer for it (the record is
-            # written before the first call). The start was committed just as we were paused, cut off or
+            # written before the first call). Either the arbiter granted and started it at once (we asked with
+            # start_now and hold its files), or the start was committed just as we were paused, cut off or
             # restarted: print it from the beginning instead of calling it failed.
-            log.info("%s: %s#%d was started but never sent to the printer: printing it now", self.node_id,
+            log.info("%s: %s#%d is started and was never sent to the printer: printing it now", self.node_id,
                      held.job, held.copy_index)
-            self._save_local(held, 0, 0, "ready")
-            await self._print_all(held, job, paths, 0, 0)
+            await self._print_all(held, job, paths, 0, 0)  # its first step records "ready"
             return
         if phase == "ready":  # the printer was never called for this run: go on from there
             await self._print_all(held, job, paths, si, run)

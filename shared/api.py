@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from shared import membership
 from shared.errors import RequestError
 from shared.models import (
     ACTIVE_COPY_STATES,
@@ -24,6 +25,7 @@ from shared.models import (
     JobId,
     JobSet,
     Namespace,
+    NodeId,
     QueueSettings,
     ShortText,
     job_key,
@@ -88,6 +90,10 @@ class Empty(Req):
     pass
 
 
+class NodeRetire(Req):
+    node: NodeId
+
+
 @dataclass
 class Context:
     """What a handler may know beyond the state: the time, who asks, a fresh id, the live nodes."""
@@ -100,6 +106,7 @@ class Context:
     # waits, and says so); None when one can, or when no printer is known.
     unprintable: Callable[[Job], str | None] = lambda job: None
     waiting_reason: Callable[[Job], str | None] = lambda job: None
+    reachable: frozenset[str] = frozenset()  # members the arbiter hears from now (itself included)
 
 
 @dataclass
@@ -117,6 +124,7 @@ _BARE: dict[str, str] = {
     "queue/pause": "namespace",
     "queue/resume": "namespace",
     "job/remove": "id",
+    "node/retire": "node",
     # answered by the addressed node (node/node_api.py)
     "node/bed_cleared": "node",
     "node/pause": "node",
@@ -350,15 +358,29 @@ def _queue_pause(paused: bool) -> Callable[[FarmState, dict[str, Any], Context],
 def node_list(state: FarmState, body: dict[str, Any], ctx: Context) -> Outcome:
     _model(Empty, body)
     members = state.members()
+    retired = state.retired()
     nodes = []
     for node_id in sorted(set(members) | set(ctx.nodes)):
         m = members.get(node_id)
         entry: dict[str, Any] = dict(ctx.nodes.get(node_id, {"node_id": node_id, "state": "unknown"}))
+        if node_id in retired and entry.get("state") != "online":
+            continue  # gone for good; a retired node still running is listed, as retired
         entry["enrolled"] = m is not None
+        entry["retired"] = node_id in retired
         entry["weight"] = m.weight if m else 0
         entry["witness"] = m.witness if m else entry.get("witness", False)
         nodes.append(entry)
     return Outcome(data={"nodes": nodes, **ctx.info})
+
+
+def node_retire(state: FarmState, body: dict[str, Any], ctx: Context) -> Outcome:
+    """Retire an enrolled member for good (see :func:`shared.membership.retire` for what is refused)."""
+    req: NodeRetire = _model(NodeRetire, body)
+    change = membership.retire(state, req.node, arbiter=ctx.info.get("arbiter"), reachable=ctx.reachable,
+                               now=ctx.now)
+    members = sorted(n for n in state.members() if n != req.node)
+    return Outcome(data={"node": req.node, "members": members, **membership.summary(change)},
+                   writes=change.writes, events=change.events)
 
 
 def health_check(state: FarmState, body: dict[str, Any], ctx: Context) -> Outcome:
@@ -376,7 +398,10 @@ MUTATING: dict[str, Handler] = {
     "job/resolve": job_resolve,
     "queue/pause": _queue_pause(True),
     "queue/resume": _queue_pause(False),
+    "node/retire": node_retire,
 }
+# Membership changes: the arbiter commits them one at a time, so consecutive quorums overlap.
+MEMBERSHIP = frozenset({"node/retire"})
 READING: dict[str, Handler] = {
     "queue/list": queue_list,
     "node/list": node_list,

@@ -71,8 +71,14 @@ def holding(state: FarmState, node: str) -> list[tuple[Job, JobCopy]]:
 
 
 def grant(state: FarmState, node: str, caps: Capabilities, namespaces: Sequence[str], now: float,
-          stamp: Stamp, choose: Chooser) -> tuple[Change, Pick] | None:
-    """Give ``node`` one queued copy, chosen by ``choose``; ``stamp`` is the stamp the grant will carry."""
+          stamp: Stamp, choose: Chooser, start_if: Callable[[Job], bool] | None = None
+          ) -> tuple[Change, Pick, bool] | None:
+    """Give ``node`` one queued copy, chosen by ``choose``; ``stamp`` is the stamp the grant will carry.
+
+    When ``start_if(job)`` holds (the node asked to start at once and already holds every file of the job) the
+    grant is also the start: the copy goes straight to ``printing`` in the same committed change, which saves the
+    node a round of asking. The fence is unchanged: the node calls its printer only once it sees that commit.
+    The third item of the result says whether the grant started the copy."""
     if holding(state, node):
         return None  # one whole copy at a time
     pick = choose(state, node, caps, namespaces, now)
@@ -84,7 +90,13 @@ def grant(state: FarmState, node: str, caps: Capabilities, namespaces: Sequence[
     copy = job.copies[pick.copy_index].model_copy(
         update={"state": CopyState.CLAIMED, "node": node, "grant": stamp, "claimed_at": now, "reason": None}
     )
-    return Change([_put(job, copy.index, copy)], [_event("claimed", job, copy)]), pick
+    events = [_event("claimed", job, copy)]
+    started = start_if is not None and start_if(job)
+    if started:
+        copy = copy.model_copy(update={"state": CopyState.PRINTING, "started_at": now,
+                                       "attempts": copy.attempts + 1})
+        events.append(_event("started", job, copy))
+    return Change([_put(job, copy.index, copy)], events), pick, started
 
 
 def start(state: FarmState, node: str, namespace: str, job_id: str, index: int, grant_: Stamp,
@@ -117,15 +129,18 @@ def release(state: FarmState, node: str, namespace: str, job_id: str, index: int
     return Change([_put(job, index, new)], [_event("released", job, copy, reason=reason)])
 
 
-def node_gone(state: FarmState, node: str, now: float) -> Change:
-    """Claimed copies return to the queue; started ones become orphaned (a print outlives its node)."""
+def node_gone(state: FarmState, node: str, now: float, reason: str | None = None) -> Change:
+    """Claimed copies return to the queue; started ones become orphaned (a print outlives its node).
+
+    ``reason`` (default "<node> is gone") is recorded on each copy."""
+    reason = reason or f"{node} is gone"
     change = Change()
     for job, copy in holding(state, node):
         if copy.state == CopyState.CLAIMED:
             assert copy.grant is not None
-            sub = release(state, node, job.namespace, job.id, copy.index, copy.grant, f"{node} is gone")
+            sub = release(state, node, job.namespace, job.id, copy.index, copy.grant, reason)
         elif copy.state == CopyState.PRINTING:
-            new = copy.model_copy(update={"state": CopyState.ORPHANED, "reason": f"{node} is gone"})
+            new = copy.model_copy(update={"state": CopyState.ORPHANED, "reason": reason})
             sub = Change([_put(job, copy.index, new)], [_event("orphaned", job, new)])
         else:
             continue

@@ -106,12 +106,16 @@ class Job(Model):
 
 
 class Member(Model):
-    """An enrolled member of the farm: its vote weight counts towards quorums."""
+    """An enrolled member of the farm: its vote weight counts towards quorums.
+
+    A retired member keeps its record, marked with ``retired_at``: it counts towards no quorum, and the arbiter
+    refuses to enroll that node id again (``node/retire``)."""
 
     node_id: NodeId
     weight: Annotated[int, Field(ge=0, le=10)] = 1
     witness: bool = False
     enrolled_at: float = 0.0
+    retired_at: float | None = None
 
 
 class QueueSettings(Model):

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, TypeAdapter, ValidationError
 
 from shared.errors import ProtocolError
+from shared.merge import MergeRecord
 from shared.models import Capabilities, Model, NodeId, Stamp, StoredObject
 
 MAX_PROTO_PAYLOAD = 64 * 1024 * 1024  # snapshots of large farms; API requests have their own, smaller bound
@@ -30,6 +31,9 @@ class Entry(Model):
     commit: int  # highest committed seq of this term, as the arbiter knows it when sending
     writes: list[StoredObject]
     snapshot: bool = False
+    # Safety mode ``available``: the arbiter did not hear every enrolled member follow it when it made this
+    # entry, so another side may change the same objects; members keep records of it (shared.merge).
+    partial: bool = False
 
     @property
     def stamp(self) -> Stamp:
@@ -44,6 +48,8 @@ class Heartbeat(Model):
     seq: int  # last seq sent in this term
     commit: int
     serving: bool  # False while the new arbiter's takeover snapshot is not yet committed
+    partial: bool = False  # safety mode ``available``: not every enrolled member follows this arbiter
+    degraded: bool = False  # safety mode ``available``: this arbiter does not hear a quorum
 
 
 class VoteRequest(Model):
@@ -80,6 +86,9 @@ class SyncRequest(Model):
     node: NodeId
     term: int
     last: Stamp
+    # Safety mode ``available``: what this node changed while the farm was split, for the arbiter to merge
+    # before it sends the snapshot (shared.merge).
+    offer: list[MergeRecord] = Field(default_factory=list)
 
 
 class Snapshot(Model):
@@ -89,6 +98,8 @@ class Snapshot(Model):
     seq: int
     commit: int
     objects: list[StoredObject]
+    partial: bool = False  # as in Entry
+    merged: list[NodeId] = Field(default_factory=list)  # nodes whose offered records this state includes (safety mode ``available``)
 
 
 class Join(Model):
@@ -103,6 +114,9 @@ class WorkRequest(Model):
     node: NodeId
     capabilities: Capabilities
     namespaces: list[str]  # in the order this printer serves them; empty = all
+    # Ready to print at once: a copy whose files this node already holds may be granted and started in one
+    # committed change (shared.claims.grant). Off for nodes of an older version, which ask to start.
+    start_now: bool = False
 
 
 class StartRequest(Model):

@@ -21,12 +21,14 @@ class FarmState:
     def __init__(self, objects: Iterable[StoredObject] = ()) -> None:
         self.objects: dict[str, StoredObject] = {}
         self._jobs: dict[str, Job] = {}
+        self._members: dict[str, Member] = {}  # every member record, retired ones included
         self.replace(objects)
 
     # --- mutation ----------------------------------------------------------------------------------------
     def replace(self, objects: Iterable[StoredObject]) -> None:
         self.objects = {}
         self._jobs = {}
+        self._members = {}
         self.apply(objects)
 
     def apply(self, writes: Iterable[StoredObject]) -> None:
@@ -37,6 +39,11 @@ class FarmState:
                     self._jobs.pop(obj.key, None)
                 else:
                     self._jobs[obj.key] = Job.model_validate(obj.value, strict=False)
+            elif obj.key.startswith("member/"):
+                if obj.value is None:
+                    self._members.pop(obj.key, None)
+                else:
+                    self._members[obj.key] = Member.model_validate(obj.value, strict=False)
 
     # --- reads -------------------------------------------------------------------------------------------
     def get(self, key: str) -> dict[str, Any] | None:
@@ -56,12 +63,12 @@ class FarmState:
         return sorted({j.namespace for j in self._jobs.values()})
 
     def members(self) -> dict[str, Member]:
-        out: dict[str, Member] = {}
-        for key, obj in self.objects.items():
-            if key.startswith("member/") and obj.value is not None:
-                m = Member.model_validate(obj.value, strict=False)
-                out[m.node_id] = m
-        return out
+        """The enrolled members: the ones whose weight counts towards quorums (retired ones excluded)."""
+        return {m.node_id: m for m in self._members.values() if m.retired_at is None}
+
+    def retired(self) -> dict[str, Member]:
+        """Members retired with ``node/retire``: their records stay, so that they are never enrolled again."""
+        return {m.node_id: m for m in self._members.values() if m.retired_at is not None}
 
     def queue(self, namespace: str) -> QueueSettings:
         raw = self.get(f"queue/{namespace}")

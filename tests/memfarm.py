@@ -45,7 +45,7 @@ class MemNode:
             node_id=node_id,
             data_dir=farm.root / node_id,
             witness=witness,
-            timing=FAST,
+            timing=farm.timing,
             printer={"driver": "none" if witness else "simulated", "self_clearing": True},
         )
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -112,8 +112,10 @@ class MemNode:
 
 
 class MemFarm:
-    def __init__(self, root: Path, n: int, *, time_scale: float = 100.0, witnesses: int = 0) -> None:
+    def __init__(self, root: Path, n: int, *, time_scale: float = 100.0, witnesses: int = 0,
+                 timing: TimingSettings = FAST) -> None:
         self.root = root
+        self.timing = timing
         self.broker = MemoryBroker()
         self.time_scale = time_scale
         self.files: dict[str, Path] = {}
@@ -129,6 +131,8 @@ class MemFarm:
         node = Topics().parse_node_state(msg.topic)
         if node and msg.payload:
             self.node_states[node] = json.loads(msg.payload)
+        elif node:
+            self.node_states.pop(node, None)  # an empty retained message clears it, as for a node agent
 
     async def ensure_file(self, sha: str, holders: list[str], progress: Callable[[int, int | None], None]) -> Path:
         return self.files[sha]

@@ -75,9 +75,11 @@ class HomeAssistantPublisher:
             return
         self._running = True
         link = self.agent.link
-        link.subscribe(self.topics.node_state_filter, self._on_trigger)
+        # QoS 0: node states are retained (the latest one comes again after any reconnect) and events only
+        # feed device triggers; QoS 1 would add an acknowledgement per node to every message of the farm.
+        link.subscribe(self.topics.node_state_filter, self._on_trigger, qos=0)
         link.subscribe(D.status_topic(self.topics), self._on_ha_status)
-        link.subscribe(self.topics.events, self._on_event)
+        link.subscribe(self.topics.events, self._on_event, qos=0)
         link.subscribe(D.node_config_filter(self.topics, self.node_id), self._on_config)
         link.subscribe(D.farm_config_filter(self.topics), self._on_config)
         link.on_connection(self._on_connection)
@@ -165,12 +167,18 @@ class HomeAssistantPublisher:
         desired: dict[str, bytes] = {}
         own_configs: set[str] = set()
         farm_configs: set[str] = set()
-        if self.agent.worker is not None:
+        summary_topic = D.node_summary_topic(self.topics, self.node_id)
+        # A retired node has no entities: the arbiter removed them; one still running must not bring them back
+        # (its configs go as stale ones, below; its summary here, in case it outran the arbiter's removal).
+        retired = self.node_id in self.agent.consensus.state.retired()
+        if self.agent.worker is not None and not retired:
             node_summary, info = self._node_view(farm)
-            desired[D.node_summary_topic(self.topics, self.node_id)] = _json(node_summary)
+            desired[summary_topic] = _json(node_summary)
             configs = D.node_configs(self.topics, info)
             own_configs = set(configs)
             desired.update((t, D.encode(p)) for t, p in configs.items())
+        elif retired and self._published.pop(summary_topic, None) is not None:
+            self.agent.link.publish(summary_topic, b"", qos=1, retain=True)
         arbiter = self.agent.arbiter
         if arbiter.active:
             info_ = arbiter.info()

@@ -175,7 +175,8 @@ class MqttLink:
         self._table.add(filter_, handler, qos)
         if self._connack_ok:
             # Always (re)send: a new handler on a known filter gets the retained messages too.
-            rc, _mid = _paho("subscribe", self._client.subscribe, filter_, qos)
+            # The highest QoS any handler asked for this filter: a later, lower one must not downgrade it.
+            rc, _mid = _paho("subscribe", self._client.subscribe, filter_, self._table.filters()[filter_])
             _check_rc("subscribe", rc)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:

@@ -10,6 +10,8 @@ import asyncio
 import gc
 import hashlib
 import json
+import subprocess
+import sys
 import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -290,7 +292,7 @@ async def test_release_gives_back_a_claimed_copy_and_pauses(farm: Farm) -> None:
 
 # --- Home Assistant ----------------------------------------------------------------------------------------
 def _configs(retained: dict[str, bytes], disc_node: str) -> dict[str, dict[str, Any]]:
-    return {t: json.loads(p) for t, p in retained.items() if t.split("/")[2] == disc_node and t.endswith("/config")}
+    return {t: json.loads(p) for t, p in retained.items() if t.endswith("/config") and t.split("/")[2] == disc_node}
 
 
 async def test_home_assistant_online_makes_every_node_republish(farm: Farm) -> None:
@@ -345,6 +347,62 @@ async def test_discovery_is_stable_across_restarts_and_retired_nodes_are_removed
     await until(lambda: not _configs(client.retained, "netq_n2") and summary not in client.retained,
                 "n2's entities removed")
     assert _configs(client.retained, "netq_n1")  # the others stay
+
+
+def _netq(broker: tuple[str, int], *args: str) -> Any:
+    """Run the ``netq`` command line, as a person would, against the broker; its --json output."""
+    proc = subprocess.run([sys.executable, "-m", "node.cli", *args, "--broker", f"mqtt://{broker[0]}:{broker[1]}",
+                           "--json"], check=False, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"netq {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+async def test_netq_node_retire_removes_the_member_its_entities_and_its_state(farm: Farm) -> None:
+    for node in ("n1", "n2", "n3"):
+        await farm.start(node)
+    client = await farm.connect(3)
+    client.watch("homeassistant/#")
+    client.watch("netq/nodes/+/summary")
+    client.watch(client.topics.node_state_filter)
+    arbiter = farm.arbiter()
+    assert arbiter is not None
+    victim = next(n for n in ("n3", "n2") if n != arbiter.node_id)
+    disc, summary, state = f"netq_{victim}", f"netq/nodes/{victim}/summary", f"netq/nodes/{victim}/state"
+    await until(lambda: D.config_topic(client.topics, "sensor", disc, "state") in client.retained
+                and summary in client.retained, f"{victim}'s discovery")
+    await until(lambda: not arbiter.arbiter.member_change_pending, "the last enrollment committed")
+
+    out = await asyncio.to_thread(_netq, farm.broker, "node", "retire", victim, "--yes")
+    assert out["node"] == victim and victim not in out["members"] and len(out["members"]) == 2
+    await until(lambda: not _configs(client.retained, disc) and summary not in client.retained,
+                f"{victim}'s Home Assistant entities removed")
+    assert _configs(client.retained, f"netq_{arbiter.node_id}")  # the others stay
+
+    # Home Assistant comes online: every node republishes, but the retired one (still running) has no entities.
+    retired = farm.agents[victim]
+    count = retired.homeassistant.republished
+    client.link.publish("homeassistant/status", b"online", qos=1)
+    await until(lambda: retired.homeassistant.republished > count, f"{victim} republishing")
+    assert not [t for t in retired.homeassistant._published if t.split("/")[2] == disc or t == summary]
+    assert not _configs(client.retained, disc)
+
+    listed = await asyncio.to_thread(_netq, farm.broker, "nodes")
+    assert victim not in listed["members"] and listed["retired"] == [victim]
+    nodes = {n["node_id"]: n for n in listed["nodes"]}
+    assert nodes[victim]["enrolled"] is False and nodes[victim]["retired"] is True  # it still runs
+    assert victim not in arbiter.consensus.members
+
+    # Stopped, it leaves no record behind, and is no longer listed at all. (Stopping a node mid-test leaks
+    # amqtt's server side of its connection, see the broker fixture: its ResourceWarning is not ours.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        await retired.stop()
+        del farm.agents[victim]
+        await until(lambda: state not in client.retained, f"{victim}'s retained state cleared")
+        listed = await asyncio.to_thread(_netq, farm.broker, "nodes")
+        gc.collect()
+    assert victim not in {n["node_id"] for n in listed["nodes"]}
+    assert sum(1 for n in listed["nodes"] if n["enrolled"]) == 2
 
 
 async def test_job_events_are_forwarded_to_the_printers_event_topic(farm: Farm) -> None:

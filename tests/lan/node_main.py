@@ -23,18 +23,18 @@ def _keys(objects: Any) -> str:
 def _install_trace() -> None:
     apply, take_over = Consensus._apply, Consensus._take_over
 
-    def traced_apply(self: Consensus, stamp: Any, writes: Any, *, snapshot: bool) -> None:
+    def traced_apply(self: Consensus, stamp: Any, writes: Any, *, snapshot: bool, **kw: Any) -> None:
         trace.debug("%s: apply %s%s term=%d base=%s: %s", self.node_id, stamp, " SNAPSHOT" if snapshot else "",
                     self.term, self.base, _keys(writes))
-        apply(self, stamp, writes, snapshot=snapshot)
+        apply(self, stamp, writes, snapshot=snapshot, **kw)
 
-    def traced_take_over(self: Consensus) -> None:
+    def traced_take_over(self: Consensus, **kw: Any) -> None:
         trace.debug("%s: take over term %d: own base=%s applied=%s objects: %s", self.node_id, self.term,
                     self.base, self.applied, _keys(self.state.objects.values()))
         for v in self._votes.values():
             trace.debug("%s:   vote of %s: base=%s last=%s objects: %s", self.node_id, v.voter, tuple(v.base),
                         tuple(v.last), _keys(v.objects))
-        take_over(self)
+        take_over(self, **kw)
 
     Consensus._apply = traced_apply  # type: ignore[method-assign]
     Consensus._take_over = traced_take_over  # type: ignore[method-assign]

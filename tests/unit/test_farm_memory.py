@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from pathlib import Path
 
@@ -114,5 +115,34 @@ async def test_arbiter_crash_elects_new_arbiter_and_keeps_acknowledged_jobs(tmp_
             c.node == old.node_id for j in new.consensus.state.jobs() for c in j.copies), 10, "orphans")
         names = farm.starts()
         assert max(Counter(names).values()) == 1
+    finally:
+        await farm.stop()
+
+
+async def test_a_member_whose_link_is_up_but_deaf_reconnects_and_catches_up(tmp_path: Path) -> None:
+    farm = MemFarm(tmp_path, 3, time_scale=200)
+    await farm.start()
+    try:
+        await _ready(farm, 3)
+        arbiter = farm.arbiter()
+        assert arbiter is not None
+        deaf = next(n for n in farm.nodes if n is not arbiter)
+        # Every delivery to it is lost while its connection stays up, until the node reconnects.
+        stop_dropping = farm.broker.drop(lambda d: d.receiver == deaf.node_id)
+        reconnects: list[float] = []
+
+        def reconnect() -> None:
+            reconnects.append(asyncio.get_running_loop().time())
+            stop_dropping()
+            farm.broker.disconnect(deaf.node_id, will=False)
+
+        deaf.consensus.on_deaf.append(reconnect)
+        r = await farm.request("job/add", _job(farm, seconds=3600), "deaf-1")
+        assert r["status"] == "ok"
+        job_key = f"job/default/{r['data']['id']}"
+        assert deaf.link.connected and job_key not in deaf.consensus.state.objects
+        await farm.wait_for(lambda: job_key in deaf.consensus.state.objects, 10,
+                            "the deaf member to reconnect and receive the job")
+        assert len(reconnects) == 1
     finally:
         await farm.stop()

@@ -166,3 +166,19 @@ def test_a_bad_shift_in_the_config_file_is_a_config_error(tmp_path: Any) -> None
     settings = load_settings(path, environ={"NETQ_SCHEDULER__SWAP_COST_S": "3600"})
     assert settings.scheduler.operators(MONDAY).utc_offset_s == 3600
     assert settings.scheduler.params().swap_cost_s == 3600
+
+
+def test_with_the_farm_in_view_a_scarce_capability_goes_to_the_work_only_it_can_print(sched: Scheduling) -> None:
+    # First in the queue: PLA any printer can print; second: a job only the 0.6 mm nozzle (n1) can print.
+    state = _state(_job(hours=2), _job(nozzle=0.6, hours=2))
+    caps = Capabilities(nozzle_mm=0.6)
+    alone = sched.chooser()(state, "n1", caps, [], 2000.0)
+    assert alone is not None and alone.job == "j1"  # no farm in view: queue order decides
+
+    nodes = {"n1": dict(_node(None, [], nozzle=0.6), node_id="n1")}
+    nodes |= {f"n{i}": dict(_node(None, [], nozzle=0.4), node_id=f"n{i}") for i in range(2, 6)}
+    view = sched.farm_view(nodes, nodes, state.namespaces())
+    assert view is not None and len(view) == 5
+    assert sched.farm_view(nodes, nodes, state.namespaces()) is view  # unchanged printers: the same view, its counts cached
+    pick = sched.chooser(lambda: view)(state, "n1", caps, [], 2000.0)
+    assert pick is not None and pick.job == "j2"  # four other printers can print j1; only n1 can print j2

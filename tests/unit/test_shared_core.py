@@ -225,6 +225,38 @@ def test_claim_life_cycle_and_fences() -> None:
     assert job is not None and job.copies[0].state == CopyState.DONE
 
 
+def test_a_grant_can_be_the_start_only_when_asked_and_the_node_holds_the_files() -> None:
+    state = FarmState()
+    _add(state, _body(), 1)  # the file is held by n1 only
+
+    def holds(node: str) -> object:
+        return lambda job: all(node in s.holders for s in job.sets)
+
+    granted = claims.grant(state, "n2", Capabilities(), [], 5.0, (1, 2), _first, holds("n2"))
+    assert granted is not None
+    change, _, started = granted
+    assert not started  # n2 must fetch the file first: a plain grant
+    assert [e["event"] for e in change.events] == ["claimed"]
+    _apply(state, change, 2)
+    _apply(state, claims.release(state, "n2", "default", "j1", 0, (1, 2), "gave it back"), 3)
+
+    granted = claims.grant(state, "n1", Capabilities(), [], 6.0, (1, 4), _first, holds("n1"))
+    assert granted is not None
+    change, _, started = granted
+    assert started and [e["event"] for e in change.events] == ["claimed", "started"]
+    _apply(state, change, 4)
+    job = state.job("job/default/j1")
+    assert job is not None
+    copy = job.copies[0]
+    assert (copy.state, copy.node, copy.grant, copy.attempts, copy.started_at) == (CopyState.PRINTING, "n1",
+                                                                                    (1, 4), 1, 6.0)
+    with pytest.raises(RequestError):  # already started: a start request for it is refused, not repeated
+        claims.start(state, "n1", "default", "j1", 0, (1, 4), 7.0)
+    _apply(state, claims.finish(state, "n1", "default", "j1", 0, (1, 4), "done", None, 8.0), 5)
+    job = state.job("job/default/j1")
+    assert job is not None and job.copies[0].state == CopyState.DONE
+
+
 def test_failed_prints_are_requeued_up_to_the_retry_limit() -> None:
     state = FarmState()
     _add(state, _body(), 1)
