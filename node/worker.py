@@ -360,7 +360,7 @@ class Worker:
         if not await self._start_committed(held):
             self.current = None
             return
-        await self._print_all(held, job, paths, start_set=0, start_run=0)  # its first step records "ready"
+        await self._print_all(held, job, paths, start_set=0, start_run=0)
 
     async def _start_committed(self, held: Held) -> bool:
         """Ask for the start and wait until it is committed; False if the copy is no longer ours."""
@@ -406,7 +406,8 @@ class Worker:
                 if not following:
                     if self._bed_dirty:
                         await self._clear_bed(idle_after=False)
-                    self._save_local(held, si, run, "ready")
+                    # No "ready" record here: the last one (none for this copy, or the previous run's "ok") says
+                    # the same to a restart, and one write less stands between a committed start and the print.
                     if not await self._await_material(held, job, si):
                         return
                     if not await self._start_print(held, paths[si], name, si, run):
@@ -606,7 +607,7 @@ class Worker:
             # restarted: print it from the beginning instead of calling it failed.
             log.info("%s: %s#%d is started and was never sent to the printer: printing it now", self.node_id,
                      held.job, held.copy_index)
-            await self._print_all(held, job, paths, 0, 0)  # its first step records "ready"
+            await self._print_all(held, job, paths, 0, 0)
             return
         if phase == "ready":  # the printer was never called for this run: go on from there
             await self._print_all(held, job, paths, si, run)
