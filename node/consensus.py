@@ -165,6 +165,12 @@ class Consensus:
     def serving(self) -> bool:
         return self.leader is not None and self.leader.serving
 
+    @property
+    def arbiter_key(self) -> tuple[int, str | None, bool]:
+        """Changes whenever the arbiter we report to changes or starts serving: a request sent before may
+        have gone to a node that is gone, or been ignored by one not serving yet, so it is sent again."""
+        return (self.term, self.arbiter, self.arbiter_serving or self.serving)
+
     def is_committed(self, stamp: Stamp) -> bool:
         """True when the object stamped ``stamp`` in our replica is known committed in the current term."""
         return self.applied[0] == self.commit[0] and stamp <= self.commit
@@ -275,6 +281,8 @@ class Consensus:
             return  # our own
         self._adopt_term(e.term)
         self.farm = self.farm or self._join_farm(e.farm)
+        if e.arbiter is not None and e.term == self.term:
+            self.arbiter = e.arbiter
         self._last_heard = self._clock()
         self._reset_deadline()
         if e.snapshot:
@@ -586,7 +594,7 @@ class Consensus:
         leader.proposals.append(Proposal(seq, fut))
         self._publish(self.topics.log, P.Entry(
             farm=self.farm, term=leader.term, seq=seq, commit=leader.commit, writes=objects, snapshot=snapshot,
-            partial=partial))
+            partial=partial, arbiter=self.node_id))
         self._advance_commit()
         return fut
 

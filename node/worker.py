@@ -154,7 +154,7 @@ class Worker:
         self._bed_dirty = bool(consensus.replica.get_meta("bed_dirty", False))
         self._task: asyncio.Task[None] | None = None
         self._last_request = -1e9
-        self._requested_term = -1
+        self._requested_key: tuple[int, str | None, bool] | None = None
         consensus.listeners.append(self._wake.set)
 
     # --- lifecycle ---------------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ class Worker:
 
     async def _idle(self, printer_state: PrinterState) -> None:
         if self.state not in (WorkerState.IDLE, WorkerState.REQUESTING):
-            self._requested_term = -1  # back from an error or a pause: ask at once
+            self._requested_key = None  # back from an error or a pause: ask at once
         self.current = None
         self.progress = None
         self._backoff, self._next_connect = None, 0.0
@@ -330,10 +330,10 @@ class Worker:
             now = asyncio.get_running_loop().time()
             # The arbiter keeps our request until it has work for us: ask again only when the arbiter changed,
             # or now and then in case the request was lost.
-            term = self.c.term
-            if term != self._requested_term or now - self._last_request >= 5 * self.settings.timing.work_retry_s:
+            key = self.c.arbiter_key
+            if key != self._requested_key or now - self._last_request >= 5 * self.settings.timing.work_retry_s:
                 self._last_request = now
-                self._requested_term = term
+                self._requested_key = key
                 self._send(P.WorkRequest(node=self.node_id, capabilities=self.capabilities,
                                          namespaces=list(self.settings.worker.namespaces), start_now=True))
         await self._wait(self.settings.timing.work_retry_s)
@@ -366,6 +366,7 @@ class Worker:
         """Ask for the start and wait until it is committed; False if the copy is no longer ours."""
         self._set(WorkerState.FETCHING, "waiting for the start to be committed")
         last_ask = -1e9
+        asked_of = self.c.arbiter_key
         loop = asyncio.get_running_loop()
         while True:
             copy = self._copy(held)
@@ -375,8 +376,9 @@ class Worker:
                 return False
             if copy.state == CopyState.PRINTING and self._committed(held.key):
                 return True
-            if copy.state == CopyState.CLAIMED and loop.time() - last_ask >= self.settings.timing.work_retry_s:
-                last_ask = loop.time()
+            if copy.state == CopyState.CLAIMED and (loop.time() - last_ask >= self.settings.timing.work_retry_s
+                                                    or self.c.arbiter_key != asked_of):
+                last_ask, asked_of = loop.time(), self.c.arbiter_key
                 self._send(P.StartRequest(node=self.node_id, namespace=held.namespace, job=held.job,
                                           copy_index=held.copy_index, grant=held.grant))
             await self._wait(self.settings.timing.work_retry_s)
@@ -512,7 +514,7 @@ class Worker:
         self._save_local(held, -1, -1, f"finishing:{outcome.value}", reason)
         loop = asyncio.get_running_loop()
         last_sent = -1e9
-        last_term = self.c.term
+        last_key = self.c.arbiter_key
         while True:
             copy = self._copy(held)
             # Only a committed end counts: our replica may hold an uncommitted entry (our own, as a deposed
@@ -520,9 +522,10 @@ class Worker:
             settled = held.key not in self.c.state.objects or self._committed(held.key)
             if (copy is None or copy.state not in (CopyState.PRINTING, CopyState.ORPHANED)) and settled:
                 break
-            if loop.time() - last_sent >= self.settings.timing.work_retry_s or self.c.term != last_term:
-                # Resent now and then, and at once to a new arbiter (it may never have seen it).
-                last_sent, last_term = loop.time(), self.c.term
+            if loop.time() - last_sent >= self.settings.timing.work_retry_s or self.c.arbiter_key != last_key:
+                # Resent now and then, and at once to a new arbiter, or one that starts serving (it may never
+                # have seen it, or ignored it before serving).
+                last_sent, last_key = loop.time(), self.c.arbiter_key
                 self._send(P.FinishReport(node=self.node_id, namespace=held.namespace, job=held.job,
                                           copy_index=held.copy_index, grant=held.grant, outcome=outcome,
                                           reason=reason))
@@ -530,7 +533,7 @@ class Worker:
         self.c.replica.set_meta(local_copy=None)
         self.current = None
         self.progress = None
-        self._requested_term = -1  # the arbiter dropped our request when it granted: ask again when idle
+        self._requested_key = None  # the arbiter dropped our request when it granted: ask again when idle
 
     async def _clear_bed(self, idle_after: bool = True) -> None:
         """Cool down (printer.cooldown_bed_c), then clear the bed by script or wait for an operator."""

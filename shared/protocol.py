@@ -31,6 +31,9 @@ class Entry(Model):
     commit: int  # highest committed seq of this term, as the arbiter knows it when sending
     writes: list[StoredObject]
     snapshot: bool = False
+    # Who sent it: a member learns its new arbiter from the term's first entry, before any heartbeat, so that
+    # its acknowledgement goes to the right inbox at once (a new arbiter's takeover waits for them).
+    arbiter: NodeId | None = None
     # Safety mode ``available``: the arbiter did not hear every enrolled member follow it when it made this
     # entry, so another side may change the same objects; members keep records of it (shared.merge).
     partial: bool = False
