@@ -95,6 +95,8 @@ async def run_demo(n: int, jobs: int, *, until_done: bool, kill_host: bool, time
         summary["nodes"] = n
         summary["seconds"] = round(time.monotonic() - started, 1)
         if not as_json:
+            if not console.is_terminal:
+                console.print()  # Live leaves its last line open when the output is a pipe or a file
             console.print(f"completed {summary['completed']} of {summary['acknowledged']} copies in "
                           f"{summary['seconds']} s; double starts {summary['double_starts']}; lost {summary['lost']}")
         return summary
