@@ -315,3 +315,15 @@ def test_no_sequence_of_claim_operations_starts_a_copy_twice(ops) -> None:  # ty
         except RequestError:
             continue
     assert starts <= 1
+
+
+def test_safety_mode_available_must_be_asked_for_knowingly() -> None:
+    from pydantic import ValidationError
+
+    from shared.settings import SafetyMode, Settings
+
+    with pytest.raises(ValidationError, match="experimental"):
+        Settings(node_id="n1", data_dir="/tmp/unused", farm={"safety": "available"})
+    s = Settings(node_id="n1", data_dir="/tmp/unused", farm={"safety": "available", "experimental_available": True})
+    assert s.farm.safety == SafetyMode.AVAILABLE
+    assert Settings(node_id="n1", data_dir="/tmp/unused").farm.safety == SafetyMode.QUORUM
