@@ -114,4 +114,4 @@ def _host_and_arbiter(farm: ProcessFarm, states: dict[str, dict[str, Any]]) -> A
     return None
 
 
-__all__ = ["run_demo", "json"]
+__all__ = ["json", "run_demo"]

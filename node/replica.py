@@ -16,7 +16,7 @@ import sqlite_utils
 from sqlite_utils.db import NotFoundError
 
 from shared.errors import StoreError
-from shared.models import Stamp, StoredObject, ZERO_STAMP
+from shared.models import ZERO_STAMP, Stamp, StoredObject
 
 log = logging.getLogger(__name__)
 

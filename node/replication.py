@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared import protocol as P
-from shared.models import CopyState, FINAL_COPY_STATES, Job, job_key
+from shared.models import FINAL_COPY_STATES, CopyState, Job, job_key
 
 log = logging.getLogger(__name__)
 

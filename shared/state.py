@@ -6,12 +6,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from shared.models import (
+    ZERO_STAMP,
     Job,
     Member,
     QueueSettings,
     Stamp,
     StoredObject,
-    ZERO_STAMP,
 )
 
 
