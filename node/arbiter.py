@@ -25,6 +25,7 @@ from node.scheduling import Scheduling
 from node.tasks import cancel_and_wait
 from shared import api, claims, membership
 from shared import protocol as P
+from shared import scheduling as S
 from shared.errors import RequestError
 from shared.models import CopyState, Job, Member, job_key, member_key, txn_key
 from shared.settings import Settings
@@ -56,8 +57,8 @@ class ArbiterServices:
         self.topics = Topics(settings.farm.base_topic, settings.homeassistant.prefix)
         self.scheduling = scheduling
         self.nodes = nodes
-        self.choose = scheduling.chooser(
-            lambda: scheduling.farm_view(self.nodes(), self.c.members, self.c.state.namespaces()))
+        self.choose = scheduling.chooser(self._farm_view)
+        self._dispatch_farm: S.FarmView | None = None  # the farm view of the current dispatch pass
         self.clock = clock  # monotonic: leases and liveness
         self.wall = wall  # wall clock: timestamps people read
         self.waiting: dict[str, P.WorkRequest] = {}
@@ -425,6 +426,7 @@ class ArbiterServices:
             return
         members = self.c.members
         prefer = self._holders_of_recent_jobs()
+        self._dispatch_farm = None  # built at most once per pass (it reads every member's node state)
         for node, req in sorted(self.waiting.items(), key=lambda item: item[0] not in prefer):
             member = members.get(node)
             if member is None or member.witness or node in self.gone:
@@ -449,6 +451,11 @@ class ArbiterServices:
                     self.leases[key] = self.clock() + self.settings.timing.lease_s
 
             self._commit(change.writes, change.events, granted)
+
+    def _farm_view(self) -> S.FarmView | None:
+        if self._dispatch_farm is None:
+            self._dispatch_farm = self.scheduling.farm_view(self.nodes(), self.c.members, self.c.state.namespaces())
+        return self._dispatch_farm
 
     def _holders_of_recent_jobs(self) -> set[str]:
         """Nodes holding every file of one of the last jobs added that still has a queued copy."""
