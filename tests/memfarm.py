@@ -174,6 +174,13 @@ class MemFarm:
                 return node
         return None
 
+    async def ready(self, members: int, timeout: float = 10.0) -> MemNode:
+        """The serving arbiter, once ``members`` members are enrolled and no membership change is pending."""
+        node: MemNode = await self.wait_for(
+            lambda: (a := self.arbiter()) and len(a.consensus.members) == members
+            and not a.arbiter.member_change_pending and a, timeout, f"an arbiter with {members} members")
+        return node
+
     @staticmethod
     async def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
         return await _until(cond, what, timeout, interval=0.01)

@@ -79,7 +79,7 @@ def _copy(node: MemNode, key: str, index: int = 0) -> dict[str, Any] | None:
 async def _split(farm: MemFarm, tmp_path: Path) -> tuple[SideClient, SideClient]:
     """A ready farm with job ``both`` queued in a paused queue, split {n1} | {n2, n3}."""
     await farm.start()
-    await farm.wait_for(lambda: (a := farm.arbiter()) and len(a.consensus.members) == 3, 10, "3 members")
+    await farm.ready(3)
     side_b = SideClient(farm, "client-b")
     side_a = SideClient(farm, "client-a")
     await side_a.link.start()

@@ -17,16 +17,11 @@ def _job(farm: MemFarm, seconds: float = 30, count: int = 1, sets: int = 1, **kw
     return {"namespace": "default", "sets": out, "count": count, **kw}
 
 
-async def _ready(farm: MemFarm, members: int) -> None:
-    await farm.wait_for(lambda: (a := farm.arbiter()) and len(a.consensus.members) == members, 10,
-                        f"an arbiter with {members} members")
-
-
 async def test_three_nodes_elect_one_arbiter_and_enroll_all(tmp_path: Path) -> None:
     farm = MemFarm(tmp_path, 3)
     await farm.start()
     try:
-        await _ready(farm, 3)
+        await farm.ready(3)
         arbiters = [n for n in farm.nodes if n.consensus.role.value == "arbiter"]
         assert len(arbiters) == 1
         assert {n.consensus.farm for n in farm.nodes} == {arbiters[0].consensus.farm}
@@ -38,7 +33,7 @@ async def test_jobs_are_printed_once_each_and_acknowledged_after_commit(tmp_path
     farm = MemFarm(tmp_path, 3, time_scale=300)
     await farm.start()
     try:
-        await _ready(farm, 3)
+        await farm.ready(3)
         for i in range(6):
             r = await farm.request("job/add", _job(farm, count=2), f"t{i}")
             assert r["status"] == "ok", r
@@ -59,7 +54,7 @@ async def test_retried_transaction_is_applied_once(tmp_path: Path) -> None:
     farm = MemFarm(tmp_path, 3)
     await farm.start()
     try:
-        await _ready(farm, 3)
+        await farm.ready(3)
         body = _job(farm, seconds=3600)
         first = await farm.request("job/add", body, "same")
         farm.responses.clear()
@@ -75,7 +70,7 @@ async def test_bad_requests_get_errors_and_change_nothing(tmp_path: Path) -> Non
     farm = MemFarm(tmp_path, 1)
     await farm.start()
     try:
-        await _ready(farm, 1)
+        await farm.ready(1)
         arb = farm.arbiter()
         assert arb is not None
         before = dict(arb.consensus.state.objects)
@@ -96,7 +91,7 @@ async def test_arbiter_crash_elects_new_arbiter_and_keeps_acknowledged_jobs(tmp_
     farm = MemFarm(tmp_path, 3, time_scale=200)
     await farm.start()
     try:
-        await _ready(farm, 3)
+        await farm.ready(3)
         ids = []
         for i in range(5):
             r = await farm.request("job/add", _job(farm, seconds=3600 * 4), f"a{i}")
@@ -123,7 +118,7 @@ async def test_a_member_whose_link_is_up_but_deaf_reconnects_and_catches_up(tmp_
     farm = MemFarm(tmp_path, 3, time_scale=200)
     await farm.start()
     try:
-        await _ready(farm, 3)
+        await farm.ready(3)
         arbiter = farm.arbiter()
         assert arbiter is not None
         deaf = next(n for n in farm.nodes if n is not arbiter)

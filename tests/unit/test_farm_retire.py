@@ -29,13 +29,6 @@ def _no_jobs_for(node: MemNode) -> None:
     node.settings = node.settings.model_copy(update={"worker": WorkerSettings(accept_jobs=False)})
 
 
-async def _ready(farm: MemFarm, members: int) -> MemNode:
-    node: MemNode = await farm.wait_for(
-        lambda: (a := farm.arbiter()) and len(a.consensus.members) == members
-        and not a.arbiter.member_change_pending and a, 10, f"an arbiter with {members} members, committed")
-    return node
-
-
 def _copy(farm: MemFarm, job_id: str) -> Callable[[], JobCopy | None]:
     def get() -> JobCopy | None:
         arbiter = farm.arbiter()
@@ -60,7 +53,7 @@ async def test_a_claimed_copy_goes_back_to_the_queue_and_the_retired_node_cannot
     farm.ensure_file = slow_fetch  # type: ignore[method-assign]
     await farm.start()
     try:
-        arbiter = await _ready(farm, 3)
+        arbiter = await farm.ready(3)
         r = await farm.request("job/add", _job(farm, 30, "claimed"), "add")
         assert r["status"] == "ok", r
         job_id = r["data"]["id"]
@@ -115,7 +108,7 @@ async def test_a_copy_printing_on_a_retired_node_is_orphaned_and_never_printed_a
     _no_jobs_for(farm.nodes[0])
     await farm.start()
     try:
-        arbiter = await _ready(farm, 3)
+        arbiter = await farm.ready(3)
         r = await farm.request("job/add", _job(farm, 600, "long"), "add")  # 6 s at the farm's time scale
         assert r["status"] == "ok", r
         job_id = r["data"]["id"]
@@ -146,7 +139,7 @@ async def test_after_a_retirement_the_remaining_members_make_the_quorum(tmp_path
     farm = MemFarm(tmp_path, 4)
     await farm.start()
     try:
-        arbiter = await _ready(farm, 4)
+        arbiter = await farm.ready(4)
         assert arbiter.node_id == "n1"
         r = await farm.request("node/retire", {"node": "n4"}, "retire")
         assert r["status"] == "ok", r
@@ -165,7 +158,7 @@ async def test_refused_retirements_change_nothing(tmp_path: Path) -> None:
     farm = MemFarm(tmp_path, 3)
     await farm.start()
     try:
-        arbiter = await _ready(farm, 3)
+        arbiter = await farm.ready(3)
         assert arbiter.node_id == "n1"
         before = dict(arbiter.consensus.state.objects)
         r = await farm.request("node/retire", {"node": "n9"}, "unknown")
