@@ -209,12 +209,12 @@ class ArbiterServices:
         def done(f: asyncio.Future[None]) -> None:
             exc = f.exception()
             if exc is None:
-                self._publish_writes(writes)
-                self._events(events)
+                self._publish_writes(writes)  # the retained view first: an answer must not run ahead of it
             if then is not None:
                 then(exc)
             if exc is None:
-                self._dispatch()
+                self._dispatch()  # before the events: a grant's entry is on the claim latency's path
+                self._events(events)
 
         fut.add_done_callback(done)
 
@@ -428,6 +428,8 @@ class ArbiterServices:
         prefer = self._holders_of_recent_jobs()
         self._dispatch_farm = None  # built at most once per pass (it reads every member's node state)
         for node, req in sorted(self.waiting.items(), key=lambda item: item[0] not in prefer):
+            if not self.c.state.has_queued():
+                return  # the common case after a commit: nothing left to hand out
             member = members.get(node)
             if member is None or member.witness or node in self.gone:
                 continue

@@ -63,7 +63,7 @@ def _held(state: FarmState, node: str, namespace: str, job_id: str, index: int, 
 def holding(state: FarmState, node: str) -> list[tuple[Job, JobCopy]]:
     """Copies claimed, printing or orphaned by ``node``."""
     out = []
-    for job in state.jobs():
+    for job in state.held_jobs(node):
         for copy in job.copies:
             if copy.node == node and copy.state in (CopyState.CLAIMED, CopyState.PRINTING, CopyState.ORPHANED):
                 out.append((job, copy))

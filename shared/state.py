@@ -6,7 +6,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from shared.models import (
+    ACTIVE_COPY_STATES,
     ZERO_STAMP,
+    CopyState,
     Job,
     Member,
     QueueSettings,
@@ -15,13 +17,23 @@ from shared.models import (
 )
 
 
+def _queue_order(job: Job) -> tuple[str, float, float, str]:
+    return (job.namespace, job.rank, job.created, job.id)
+
+
 class FarmState:
-    """Objects by key, plus parsed caches. Mutated only through :meth:`apply` / :meth:`replace`."""
+    """Objects by key, plus parsed caches. Mutated only through :meth:`apply` / :meth:`replace`.
+
+    The arbiter reads the queue after every commit (to hand out work), so the queue order, the jobs with a queued
+    copy and each node's held jobs are kept as indexes, updated per written job, rather than found by a scan."""
 
     def __init__(self, objects: Iterable[StoredObject] = ()) -> None:
         self.objects: dict[str, StoredObject] = {}
         self._jobs: dict[str, Job] = {}
         self._members: dict[str, Member] = {}  # every member record, retired ones included
+        self._order: list[Job] | None = None  # every job in queue order; None once a job changed
+        self._queued: set[str] = set()  # keys of jobs with a queued copy
+        self._held: dict[str, set[str]] = {}  # node -> keys of jobs with a copy it claimed, prints or orphaned
         self.replace(objects)
 
     # --- mutation ----------------------------------------------------------------------------------------
@@ -29,21 +41,47 @@ class FarmState:
         self.objects = {}
         self._jobs = {}
         self._members = {}
+        self._order = None
+        self._queued = set()
+        self._held = {}
         self.apply(objects)
 
     def apply(self, writes: Iterable[StoredObject]) -> None:
         for obj in writes:
             self.objects[obj.key] = obj
             if obj.key.startswith("job/"):
+                self._unindex(obj.key)
                 if obj.value is None:
                     self._jobs.pop(obj.key, None)
                 else:
                     self._jobs[obj.key] = Job.model_validate(obj.value, strict=False)
+                    self._index(obj.key)
             elif obj.key.startswith("member/"):
                 if obj.value is None:
                     self._members.pop(obj.key, None)
                 else:
                     self._members[obj.key] = Member.model_validate(obj.value, strict=False)
+
+    def _unindex(self, key: str) -> None:
+        old = self._jobs.get(key)
+        self._order = None
+        self._queued.discard(key)
+        if old is None:
+            return
+        for copy in old.copies:
+            if copy.node is not None and copy.state in ACTIVE_COPY_STATES:
+                held = self._held.get(copy.node)
+                if held is not None:
+                    held.discard(key)
+                    if not held:
+                        del self._held[copy.node]
+
+    def _index(self, key: str) -> None:
+        for copy in self._jobs[key].copies:
+            if copy.state == CopyState.QUEUED:
+                self._queued.add(key)
+            elif copy.node is not None and copy.state in ACTIVE_COPY_STATES:
+                self._held.setdefault(copy.node, set()).add(key)
 
     # --- reads -------------------------------------------------------------------------------------------
     def get(self, key: str) -> dict[str, Any] | None:
@@ -55,9 +93,22 @@ class FarmState:
 
     def jobs(self, namespace: str | None = None) -> list[Job]:
         """Live jobs, in queue order (namespace, then rank, then creation)."""
-        jobs = [j for j in self._jobs.values() if namespace is None or j.namespace == namespace]
-        jobs.sort(key=lambda j: (j.namespace, j.rank, j.created, j.id))
-        return jobs
+        if self._order is None:
+            self._order = sorted(self._jobs.values(), key=_queue_order)
+        if namespace is None:
+            return list(self._order)
+        return [j for j in self._order if j.namespace == namespace]
+
+    def has_queued(self) -> bool:
+        """Whether any job has a copy waiting to be granted."""
+        return bool(self._queued)
+
+    def held_jobs(self, node: str) -> list[Job]:
+        """The jobs in which ``node`` holds a copy (claimed, printing or orphaned), in queue order."""
+        keys = self._held.get(node)
+        if not keys:
+            return []
+        return sorted((self._jobs[k] for k in keys), key=_queue_order)
 
     def namespaces(self) -> list[str]:
         return sorted({j.namespace for j in self._jobs.values()})

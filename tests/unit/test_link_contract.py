@@ -539,6 +539,7 @@ async def test_mqtt_reconnect_now_follows_the_broker_to_a_new_address(amqtt_serv
     try:
         await link.start()
         await link.wait_connected(TIMEOUT)
+        await inbox.wait_message("m/state")  # the birth on the first broker, before we leave it
         current[0] = second.address
         link.reconnect_now()
         await log.wait_until(lambda states: states == [True, False, True])
