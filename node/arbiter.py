@@ -18,7 +18,7 @@ from typing import Any
 from node import job_from_url, node_api
 from node.consensus import Consensus, NotCommitted, Role
 from node.files.store import FileStore
-from node.homeassistant.publisher import remove_node_entities
+from node.homeassistant.publisher import node_event, remove_node_entities
 from node.link.base import Link, Message
 from node.replication import FileReplication
 from node.scheduling import Scheduling
@@ -161,6 +161,9 @@ class ArbiterServices:
         for ev in events:
             ev = {**ev, "ts": self.wall(), "term": self.c.term}
             self.link.publish(self.topics.events, json.dumps(ev).encode(), qos=1)
+            forward = node_event(self.topics, ev) if self.settings.homeassistant.enabled else None
+            if forward is not None:
+                self.link.publish(*forward, qos=1)  # the printer's Home Assistant event entity
 
     def info(self) -> dict[str, Any]:
         members = self.c.members

@@ -583,7 +583,10 @@ class Worker:
             # Found by the LAN chaos tests: an arbiter killed just after proposing its own start came back and
             # printed the copy, which the next arbiter had (rightly) as only granted, and granted again.
             self.current = None
-            self._set(WorkerState.FETCHING, "waiting for the farm to confirm the start")
+            if self.state != WorkerState.REQUESTING:
+                # (Just after asking, this is a grant that was also the start, committed a moment later: no
+                # state to publish to every node in that moment, which would only delay the commit.)
+                self._set(WorkerState.FETCHING, "waiting for the farm to confirm the start")
             await self._wait(self.settings.timing.work_retry_s)
             return
         paths = [await self.ensure_file(s.sha256, list(s.holders), self._fetch_progress) for s in job.sets]

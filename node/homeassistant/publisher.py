@@ -1,7 +1,8 @@
 """Puts the Home Assistant view of a node (and, on the arbiter, of the farm) on the broker.
 
-Every node publishes its printer's discovery configs, its retained summary and its job events; the serving
-arbiter also publishes the farm device and ``<base>/bridge/summary``. Only what changed is published, at most
+Every node publishes its printer's discovery configs and its retained summary; the serving arbiter also
+publishes the farm device and ``<base>/bridge/summary``, and each job event about a printer on that printer's
+event topic (:func:`node_event`) as it commits it, so that no node needs to receive every farm event. Only what changed is published, at most
 every ``min_interval`` seconds. When Home Assistant announces ``online`` on ``<prefix>/status`` everything is
 published again after a random delay of up to two seconds (so a farm does not answer all at once), and so it
 is after every (re)connect, since a new broker holds no retained messages.
@@ -35,6 +36,16 @@ log = logging.getLogger(__name__)
 ANNOUNCE_DELAY_S = 2.0  # republish within a random delay of up to this after Home Assistant comes online
 MIN_INTERVAL_S = 0.5
 _FORWARDED_EVENTS = frozenset(D.EVENT_TYPES)
+
+
+def node_event(topics: Topics, ev: dict[str, Any]) -> tuple[str, bytes] | None:
+    """The message for a printer's event entity, for a farm event about that printer (else None)."""
+    node = ev.get("node")
+    if not isinstance(node, str) or ev.get("event") not in _FORWARDED_EVENTS:
+        return None
+    out = {"event_type": ev["event"], "namespace": ev.get("namespace"), "job": ev.get("job"),
+           "copy": ev.get("copy"), "reason": ev.get("reason")}
+    return D.node_events_topic(topics, node), json.dumps(out).encode()
 
 
 def remove_node_entities(link: Link, topics: Topics, node_id: str) -> list[str]:
@@ -75,11 +86,10 @@ class HomeAssistantPublisher:
             return
         self._running = True
         link = self.agent.link
-        # QoS 0: node states are retained (the latest one comes again after any reconnect) and events only
-        # feed device triggers; QoS 1 would add an acknowledgement per node to every message of the farm.
+        # QoS 0: node states are retained (the latest one comes again after any reconnect); QoS 1 would add an
+        # acknowledgement per node to every message of the farm.
         link.subscribe(self.topics.node_state_filter, self._on_trigger, qos=0)
         link.subscribe(D.status_topic(self.topics), self._on_ha_status)
-        link.subscribe(self.topics.events, self._on_event, qos=0)
         link.subscribe(D.node_config_filter(self.topics, self.node_id), self._on_config)
         link.subscribe(D.farm_config_filter(self.topics), self._on_config)
         link.on_connection(self._on_connection)
@@ -142,18 +152,6 @@ class HomeAssistantPublisher:
         else:
             self._retained_configs.discard(msg.topic)
         self.schedule()
-
-    def _on_event(self, msg: Message) -> None:
-        """Forward job events about this node's printer to its own event topic (the event entity)."""
-        try:
-            ev = json.loads(msg.payload)
-        except ValueError:
-            return
-        if not isinstance(ev, dict) or ev.get("node") != self.node_id or ev.get("event") not in _FORWARDED_EVENTS:
-            return
-        out = {"event_type": ev["event"], "namespace": ev.get("namespace"), "job": ev.get("job"),
-               "copy": ev.get("copy"), "reason": ev.get("reason")}
-        self.agent.link.publish(D.node_events_topic(self.topics, self.node_id), json.dumps(out).encode(), qos=1)
 
     # --- publishing --------------------------------------------------------------------------------------
     def _flush(self) -> None:
