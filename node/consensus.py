@@ -129,6 +129,10 @@ class Consensus:
         self._lineage_ok: dict[int, int] = {}  # term we voted in -> our applied term then (same history)
         self._merging: set[str] = set()  # arbiter: nodes whose offered records are being committed
         self.records: dict[str, M.MergeRecord] = {}  # what we changed while the farm was split
+        # An arbiter merged our records: they settle once its entry (this stamp) is committed; keys written by
+        # entries applied since then keep their records (those changes are this term's, not yet settled).
+        self._settle_at: Stamp | None = None
+        self._touched_since: set[str] = set()
         if self.available:
             raw = replica.get_meta("unconfirmed", []) or []
             self.records = {r["key"]: M.MergeRecord.model_validate(r, strict=False) for r in raw}
@@ -215,6 +219,7 @@ class Consensus:
     def _adopt_term(self, term: int) -> None:
         if term > self.term:
             self.term = term
+            self._settle_at = None  # that merge may never be committed: our records stay, to be offered again
             self.replica.set_meta(term=term)
             if self.role != Role.FOLLOWER:
                 self._step_down(f"saw term {term}")
@@ -258,7 +263,7 @@ class Consensus:
         if self.applied[0] < hb.term or self.applied[1] < hb.seq:
             self._request_sync()
         elif self.records and not hb.partial and self.applied == (hb.term, hb.seq):
-            self._clear_records("every member follows the arbiter again")
+            self._clear_records("every member holds every entry of the arbiter")
         # Entries are acknowledged as they arrive; a heartbeat needs an ack only now and then, as a sign of life
         # (every member acking every heartbeat would be the arbiter's busiest traffic).
         if self._clock() - self._last_ack >= self.settings.timing.node_timeout_s / 4:
@@ -273,6 +278,15 @@ class Consensus:
 
     def _learn_commit(self, term: int, seq: int) -> None:
         self.commit = max(self.commit, (term, seq))
+        settle = self._settle_at
+        if settle is not None and self.commit[0] == settle[0] and self.commit >= settle:
+            self._settle_at = None
+            kept = {k: r for k, r in self.records.items() if k in self._touched_since}
+            if len(kept) < len(self.records):
+                log.info("%s: %d records of the split settled (their merge by the arbiter of term %d is "
+                         "committed)", self.node_id, len(self.records) - len(kept), settle[0])
+                self.records = kept
+                self.replica.set_meta(unconfirmed=[r.model_dump(mode="json") for r in kept.values()])
 
     def _on_entry(self, e: P.Entry) -> None:
         if not self._accepts_farm(e.farm) or e.term < self.term:
@@ -368,11 +382,16 @@ class Consensus:
             if (m.term, m.seq) > self.applied and not self._may_replace(m.term, m.merged):
                 self._request_sync()  # offers our records first
                 return
-            if self.available and self.node_id in m.merged:
-                self._clear_records(f"merged by the arbiter of term {m.term}")
             if (m.term, m.seq) > self.applied:
                 self._apply((m.term, m.seq), m.objects, snapshot=True, partial=m.partial)
                 self._drain()
+            if self.available and self.node_id in m.merged and self.records:
+                # The arbiter merged our records into this state, which it has proposed but may not have
+                # committed yet: we hold it now (and acknowledge it, so our weight counts towards that commit),
+                # and keep our records until we see it committed. Were they dropped here, an arbiter lost
+                # before that commit would take our side's changes with it.
+                self._settle_at = (m.term, m.seq)
+                self._touched_since = set()
             self._learn_commit(m.term, m.commit)
             self._schedule_ack()
             self._notify()
@@ -415,15 +434,18 @@ class Consensus:
                 self.replica.record_vote(m.term, m.candidate)  # durable before it is sent
                 self._reset_deadline()
         objects = self.state.newer_than(tuple(m.last)) if granted else []  # type: ignore[arg-type]
+        base = self.base
         if granted and self.available:
             self._lineage_ok[m.term] = m.last[0]
             if self.records and m.last[0] != self.applied[0]:
                 # Our history and the candidate's split apart: stamps of the two do not compare. Our changes
-                # reach its state as an offer (three-way merge), never by stamp.
-                objects = []
+                # reach its state as an offer (three-way merge), never by stamp — and so our base must not
+                # count either: as the floor of the candidate's merge it would drop every object of its own
+                # history stamped below it (found by the LAN tests: a takeover that kept 0 of 11 objects).
+                objects, base = [], ZERO_STAMP
         reply = P.VoteReply(
             farm=self.farm, term=self.term, voter=self.node_id, candidate=m.candidate, granted=granted,
-            last=self.applied, base=self.base, objects=objects,
+            last=self.applied, base=base, objects=objects,
         )
         self._publish(self.topics.to_node(m.candidate), reply)
 
@@ -585,10 +607,14 @@ class Consensus:
         stamp = (leader.term, seq)
         # Safety mode available: a takeover never knows that every side's changes are in it; an entry made
         # while some member does not follow us may meet another side's change of the same object.
-        partial = self.available and (snapshot or not self._whole())
+        # Safety mode available: every entry is partial when it is made. Until every member has acknowledged
+        # it, a member may lack it — also one cut off a moment ago, which we still count as following us for up
+        # to node_timeout_s, while its side may already elect its own arbiter (found by the LAN tests: a copy's
+        # `done`, made 0.4 s after a member was cut off, was known to no record, and the other side's arbiter
+        # had the copy printing and had it printed again). Records settle on a heartbeat that says every member
+        # holds every entry (see _heartbeat).
+        partial = self.available
         self._apply(stamp, objects, snapshot=snapshot, partial=partial)  # our own durable copy first
-        if self.available and not partial and self.records:
-            self._clear_records("every member follows us")
         leader.acked[self.node_id] = seq
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         leader.proposals.append(Proposal(seq, fut))
@@ -631,9 +657,9 @@ class Consensus:
         leader = self.leader
         if leader is None or self.farm is None:
             return
-        partial = self.available and not self._whole()
+        partial = self.available and not self._all_hold(leader, leader.next_seq - 1)
         if self.available and not partial and self.records:
-            self._clear_records("every member follows us")
+            self._clear_records("every member holds every entry")
         self._publish(self.topics.log, P.Heartbeat(
             farm=self.farm, term=leader.term, arbiter=self.node_id, seq=leader.next_seq - 1,
             commit=leader.commit, serving=leader.serving, partial=partial, degraded=leader.degraded))
@@ -778,6 +804,8 @@ class Consensus:
 
     def _keep_records(self, writes: list[StoredObject], *, snapshot: bool, partial: bool) -> None:
         """Before ``writes`` are applied: keep records of what a partial entry or snapshot changes here."""
+        if self._settle_at is not None and not snapshot:
+            self._touched_since.update(o.key for o in writes)
         if not partial:
             return
         after: dict[str, dict[str, Any] | None] = {o.key: o.value for o in writes}
@@ -810,6 +838,11 @@ class Consensus:
         leader = self.leader
         return leader is not None and set(self.members) <= self._followers(leader)
 
+    def _all_hold(self, leader: Leadership, seq: int) -> bool:
+        """Every member follows us and has acknowledged ``seq`` of our term: no member lacks a change up to it."""
+        followers = self._followers(leader)
+        return all(n == self.node_id or (n in followers and leader.acked.get(n, 0) >= seq) for n in self.members)
+
     def _degraded_commit(self, leader: Leadership) -> int:
         """Without a quorum: the seq held by a majority (by weight) of the members that follow us.
 
@@ -831,8 +864,12 @@ class Consensus:
             merged=merged or []))
 
     def _merge_offer(self, m: P.SyncRequest) -> None:
-        """A node of another side offers what it changed during the split: merge it (shared.merge), commit
-        the result as an ordinary change of our term, then send that node our state, naming it as merged."""
+        """A node of another side offers what it changed during the split: merge it (shared.merge), propose
+        the result as an ordinary change of our term, and send that node our state at once, naming it as merged.
+
+        At once, not after the commit: the merge may need that node's acknowledgement to be committed (found by
+        the LAN tests: three of five members offered records at a heal, and no merge could reach a quorum while
+        they waited for their snapshot). The node keeps its records until it sees the merge committed."""
         if m.node in self._merging:
             return  # its earlier offer is being committed; the answer covers this one
         leader = self.leader
@@ -846,14 +883,14 @@ class Consensus:
 
         def done(exc: BaseException | None) -> None:
             self._merging.discard(m.node)
-            if exc is None and self.leader is not None and self.leader.term == term:
-                self._send_snapshot(m.node, merged=[m.node])
 
         if self.merge_commit is not None:
             self.merge_commit(writes, events, done)
         else:
             fut = self.propose(writes)
             fut.add_done_callback(lambda f: done(f.exception()))
+        if self.leader is not None and self.leader.term == term:
+            self._send_snapshot(m.node, merged=[m.node])
 
 
 class NotCommitted(Exception):
