@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SEEDS ?= 200
 
-.PHONY: demo test test-fast lan chaos bench lint typecheck install system-deps octoprint clean
+.PHONY: lan-available demo test test-fast lan chaos bench lint typecheck install system-deps octoprint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: $(STAMP) system-deps octoprint
 
 lan: $(STAMP) system-deps
 	$(PY) -m pytest -q -m lan tests/lan
+
+# The CI set of fault schedules in safety mode available (experimental: not in `make test`, see docs/chaos.md).
+lan-available: $(STAMP) system-deps
+	NETQ_CHAOS_SAFETY=available $(PY) -m pytest -q -m lan tests/lan/test_chaos.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit

@@ -107,6 +107,7 @@ class Consensus:
         self._deadline = 0.0
         self._last_sync = -1e9
         self._last_join = -1e9
+        self._last_stale_notice = -1e9
         self._ack_scheduled = False
         self._last_ack = -1e9
         self._hb_scheduled = False
@@ -247,7 +248,10 @@ class Consensus:
             self._on_entry(m)
 
     def _on_heartbeat(self, hb: P.Heartbeat) -> None:
-        if not self._accepts_farm(hb.farm) or hb.term < self.term:
+        if not self._accepts_farm(hb.farm):
+            return
+        if hb.term < self.term:
+            self._tell_stale_arbiter(hb.arbiter)
             return
         if hb.arbiter == self.node_id:
             return
@@ -272,6 +276,21 @@ class Consensus:
             self._request_join()  # a retired node id is never enrolled again: it does not ask
         self._notify()
 
+    def _tell_stale_arbiter(self, arbiter: str | None) -> None:
+        """An arbiter of a term older than ours is serving: tell it our term, so that it steps down and an election
+        past our term follows (Raft: a member answers a stale leader with its term). Ignoring it is not enough:
+        our pre-votes are refused while the others hear that arbiter, so we would never follow anyone again.
+        Found by the LAN tests in safety mode available: a node that had stood alone in term 101 came back to
+        a farm served in term 2, and was left out until the end."""
+        if arbiter is None or arbiter == self.node_id:
+            return
+        now = self._clock()
+        if now - self._last_stale_notice < self.settings.timing.election_timeout_s:
+            return
+        self._last_stale_notice = now
+        log.info("%s: %s serves an older term than our %d: telling it", self.node_id, arbiter, self.term)
+        self._publish(self.topics.to_arbiter(arbiter), P.Ack(node=self.node_id, term=self.term, seq=0), qos=0)
+
     def _join_farm(self, farm: str) -> str:
         self.replica.set_meta(farm=farm)
         return farm
@@ -289,7 +308,10 @@ class Consensus:
                 self.replica.set_meta(unconfirmed=[r.model_dump(mode="json") for r in kept.values()])
 
     def _on_entry(self, e: P.Entry) -> None:
-        if not self._accepts_farm(e.farm) or e.term < self.term:
+        if not self._accepts_farm(e.farm):
+            return
+        if e.term < self.term:
+            self._tell_stale_arbiter(e.arbiter)
             return
         if self.leader is not None and e.term == self.leader.term:
             return  # our own
