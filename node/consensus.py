@@ -577,7 +577,22 @@ class Consensus:
             if o.value is not None or o.stamp[0] >= term - 1
         ]
         voters = list(self._votes)
+        own: tuple[list[tuple[str, dict[str, Any] | None]], list[dict[str, Any]]] = ([], [])
+        if self.available and self.records:
+            # Our own records, merged like any member's offer: the quorum read compares stamps, and a voter of
+            # another history can carry higher stamps for older values (found by the LAN tests: a copy this node
+            # had finished came back as printing from the other side's snapshot, and it printed it again).
+            # Merged now, before our takeover snapshot is applied here and rewrites the records' values.
+            own = M.merge_offer({o.key: o.value for o in kept}, list(self.records.values()))
         self._become_arbiter(term, kept, degraded=degraded)
+        writes, events = own
+        if writes or events:
+            log.warning("%s: merging our own %d records of the split: %d changes, %d conflicts", self.node_id,
+                        len(self.records), len(writes), len(events))
+            if self.merge_commit is not None:
+                self.merge_commit(writes, events, lambda _exc: None)
+            else:
+                self.propose(writes).add_done_callback(lambda f: f.exception())  # a failure: records stay
         if self.available and self.leader is not None:
             now = self._clock()
             for v in voters:  # their votes were heard just now: no false "no quorum" at takeover
@@ -830,10 +845,11 @@ class Consensus:
             self._touched_since.update(o.key for o in writes)
         if not partial:
             return
+        # A key a snapshot does not hold is not recorded as deleted: the snapshot's arbiter may never have had
+        # it (it was made on our side), and a deletion reaches a snapshot as a tombstone (None), which is.
+        # Found by the LAN tests: a node that followed a lone arbiter for a while offered the jobs that arbiter
+        # had never seen as deletions, and the merge removed them (a removal wins over edits).
         after: dict[str, dict[str, Any] | None] = {o.key: o.value for o in writes}
-        if snapshot:
-            for key in self.state.objects:
-                after.setdefault(key, None)  # a snapshot drops what it does not hold
         before = {k: self.state.get(k) for k in after}
         records = M.record_changes(self.records, before, after)
         if records != self.records:
