@@ -127,7 +127,6 @@ class Consensus:
         self._heard: dict[str, float] = {}  # member -> when a protocol message from it last came in
         self._pre_term = 0  # the term our current pre-vote asks about
         self._degraded_set: frozenset[str] | None = None  # standing without a quorum: the members heard
-        self._lineage_ok: dict[int, int] = {}  # term we voted in -> our applied term then (same history)
         self._merging: set[str] = set()  # arbiter: nodes whose offered records are being committed
         self.records: dict[str, M.MergeRecord] = {}  # what we changed while the farm was split
         # An arbiter merged our records: they settle once its entry (this stamp) is committed; keys written by
@@ -458,7 +457,6 @@ class Consensus:
         objects = self.state.newer_than(tuple(m.last)) if granted else []  # type: ignore[arg-type]
         base = self.base
         if granted and self.available:
-            self._lineage_ok[m.term] = m.last[0]
             if self.records and m.last[0] != self.applied[0]:
                 # Our history and the candidate's split apart: stamps of the two do not compare. Our changes
                 # reach its state as an offer (three-way merge), never by stamp — and so our base must not
@@ -827,13 +825,14 @@ class Consensus:
             return "not every member follows the arbiter: available mode, conflicts possible after a heal"
         return None
 
-    def _lineage_matches(self, term: int) -> bool:
-        """We voted in ``term`` for a candidate whose history was ours: its takeover holds our changes."""
-        return self._lineage_ok.get(term) == self.applied[0]
-
     def _must_offer(self, term: int) -> bool:
-        return self.available and bool(self.records) and self.applied[0] != term \
-            and not self._lineage_matches(term)
+        """Our records must reach the arbiter of ``term`` as an offer before its snapshot may replace our state.
+
+        Also when we voted for it with our objects: a candidate that may win without a quorum (safety mode
+        available) may have taken over before our vote arrived, which we cannot tell (found by the LAN tests:
+        a paused arbiter's last adds, sent in a vote that came too late, were lost). Offering what it already
+        holds merges to no change."""
+        return self.available and bool(self.records) and self.applied[0] != term
 
     def _may_replace(self, term: int, merged: Any) -> bool:
         """May a snapshot of ``term`` replace our state? Not while it may lack our records (available mode)."""
