@@ -640,8 +640,6 @@ class Consensus:
         seq = leader.next_seq
         leader.next_seq += 1
         stamp = (leader.term, seq)
-        # Safety mode available: a takeover never knows that every side's changes are in it; an entry made
-        # while some member does not follow us may meet another side's change of the same object.
         # Safety mode available: every entry is partial when it is made. Until every member has acknowledged
         # it, a member may lack it — also one cut off a moment ago, which we still count as following us for up
         # to node_timeout_s, while its side may already elect its own arbiter (found by the LAN tests: a copy's

@@ -141,3 +141,24 @@ async def test_a_member_whose_link_is_up_but_deaf_reconnects_and_catches_up(tmp_
         assert len(reconnects) == 1
     finally:
         await farm.stop()
+
+
+async def test_a_member_past_the_arbiters_term_gets_it_to_step_down_and_follows_again(tmp_path: Path) -> None:
+    """A member whose term is past the serving arbiter's (it stood alone in safety mode available, or voted in
+    an election the arbiter never saw) tells that arbiter, which steps down; an election past that term follows
+    and the member follows the new arbiter. Ignored, as before, it followed no one: its pre-votes are refused
+    while the others hear an arbiter."""
+    farm = MemFarm(tmp_path, 3)
+    await farm.start()
+    try:
+        arb = await farm.ready(3)
+        old_term = arb.consensus.term
+        member = next(n for n in farm.nodes if n is not arb)
+        member.consensus.term = old_term + 50  # as if it had stood alone for that term
+        member.consensus.replica.set_meta(term=old_term + 50)
+        new = await farm.wait_for(lambda: (a := farm.arbiter()) and a.consensus.term > old_term + 50 and a, 15,
+                                  "an arbiter past the member's term")
+        await farm.wait_for(lambda: member.consensus.applied[0] == new.consensus.term, 10,
+                            "the member following the new arbiter")
+    finally:
+        await farm.stop()

@@ -327,3 +327,31 @@ def test_safety_mode_available_must_be_asked_for_knowingly() -> None:
     s = Settings(node_id="n1", data_dir="/tmp/unused", farm={"safety": "available", "experimental_available": True})
     assert s.farm.safety == SafetyMode.AVAILABLE
     assert Settings(node_id="n1", data_dir="/tmp/unused").farm.safety == SafetyMode.QUORUM
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2), st.sampled_from(list(CopyState)),
+                          st.sampled_from(["n1", "n2", None])), max_size=30))
+def test_farm_state_indexes_match_a_full_scan(steps: list[tuple[int, int, CopyState, str | None]]) -> None:
+    """The queue order, "anything queued" and each node's held jobs are indexes kept per write: after any
+    sequence of writes (removals included) they say what a scan of every job says."""
+    from shared.models import ACTIVE_COPY_STATES, JobCopy
+
+    state = FarmState()
+    for seq, (j, c, copy_state, node) in enumerate(steps, start=1):
+        key = f"job/default/j{j}"
+        job = state.job(key)
+        if copy_state == CopyState.CANCELLED and node is None:  # now and then: remove the job
+            state.apply([StoredObject(key=key, stamp=(1, seq), value=None)])
+            continue
+        copies = list(job.copies) if job else [JobCopy(index=i) for i in range(3)]
+        copies[c] = JobCopy(index=c, state=copy_state, node=node if copy_state != CopyState.QUEUED else None)
+        new = Job(id=f"j{j}", namespace="default", name="x", sets=[{"file": "a.gcode", "sha256": "a" * 64}],
+                  count=3, rank=float(-j), created=float(j), copies=copies)
+        state.apply([StoredObject(key=key, stamp=(1, seq), value=new.model_dump(mode="json"))])
+        scan = sorted(state._jobs.values(), key=lambda x: (x.namespace, x.rank, x.created, x.id))
+        assert [x.id for x in state.jobs()] == [x.id for x in scan]
+        assert state.has_queued() == any(cp.state == CopyState.QUEUED for x in scan for cp in x.copies)
+        for n in ("n1", "n2"):
+            held = [x.id for x in scan if any(cp.node == n and cp.state in ACTIVE_COPY_STATES for cp in x.copies)]
+            assert [x.id for x in state.held_jobs(n)] == held
