@@ -456,13 +456,12 @@ class Consensus:
                 self._reset_deadline()
         objects = self.state.newer_than(tuple(m.last)) if granted else []  # type: ignore[arg-type]
         base = self.base
-        if granted and self.available:
-            if self.records and m.last[0] != self.applied[0]:
-                # Our history and the candidate's split apart: stamps of the two do not compare. Our changes
-                # reach its state as an offer (three-way merge), never by stamp — and so our base must not
-                # count either: as the floor of the candidate's merge it would drop every object of its own
-                # history stamped below it (found by the LAN tests: a takeover that kept 0 of 11 objects).
-                objects, base = [], ZERO_STAMP
+        if granted and self.available and self.records and m.last[0] != self.applied[0]:
+            # Our history and the candidate's split apart: stamps of the two do not compare. Our changes reach
+            # its state as an offer (three-way merge), never by stamp — and so our base must not count either:
+            # as the floor of the candidate's merge it would drop every object of its own history stamped below
+            # it (found by the LAN tests: a takeover that kept 0 of 11 objects).
+            objects, base = [], ZERO_STAMP
         reply = P.VoteReply(
             farm=self.farm, term=self.term, voter=self.node_id, candidate=m.candidate, granted=granted,
             last=self.applied, base=base, objects=objects,
