@@ -325,9 +325,11 @@ async def test_discovery_is_stable_across_restarts_and_retired_nodes_are_removed
     n2 = await farm.start("n2", materials=[{"type": "PLA"}, None])
     client = await farm.connect(2)
     client.watch("homeassistant/#")
-    await until(lambda: "homeassistant/select/netq_n2/material_1/config" in client.retained, "n2's discovery")
+    # 4 sensors, 4 buttons, a switch, an event and a select per tool. They arrive one by one, in no set order.
+    await until(lambda: len(_configs(client.retained, "netq_n2")) >= 12, "n2's discovery")
     before = _configs(client.retained, "netq_n2")
-    assert len(before) == 12  # 4 sensors, 4 buttons, a switch, an event and a select per tool
+    assert len(before) == 12
+    assert "homeassistant/select/netq_n2/material_1/config" in before
 
     await n2.stop()
     n2 = await farm.start("n2", materials=[{"type": "PLA"}, None])
