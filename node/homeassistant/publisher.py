@@ -3,9 +3,9 @@
 Every node publishes its printer's discovery configs and its retained summary; the serving arbiter also
 publishes the farm device and ``<base>/bridge/summary``, and each job event about a printer on that printer's
 event topic (:func:`node_event`) as it commits it, so that no node needs to receive every farm event. Only
-what changed is published, at most every ``min_interval`` seconds. When Home Assistant announces ``online`` on ``<prefix>/status`` everything is
-published again after a random delay of up to two seconds (so a farm does not answer all at once), and so it
-is after every (re)connect, since a new broker holds no retained messages.
+what changed is published, at most every ``min_interval`` seconds. When Home Assistant announces ``online`` on
+``<prefix>/status`` everything is published again after a random delay of up to two seconds (so a farm does
+not answer all at once), and so it is after every (re)connect, since a new broker holds no retained messages.
 
 Stale entities are removed with an empty retained config (Home Assistant's documented removal): each node
 watches the retained configs under its own discovery node (and the arbiter those of the farm) and clears
