@@ -41,6 +41,7 @@ ANONYMOUS_PLUGINS: Mapping[str, Mapping[str, Any]] = {
 """The plugin set of an open farm. A farm key replaces it with an auth plugin (and ACLs) of its own."""
 
 _LISTENER = "default"
+STOP_GRACE_S = 3.0  # stop(): how long clients get to close before their connections are aborted
 
 
 class _Oversize(Exception):
@@ -221,7 +222,7 @@ class EmbeddedBroker:
             server.close()
         try:
             if broker is not None and broker.transitions.state == "started":
-                await broker.shutdown()
+                await self._shutdown(broker)
         except Exception as exc:  # e.g. transitions.MachineError: guarded above, converted here anyway
             raise BrokerError(f"embedded broker failed to stop: {exc!r}") from exc
         finally:
@@ -233,6 +234,27 @@ class EmbeddedBroker:
                 writer.close()
             if server is not None:
                 await server.wait_closed()
+
+    async def _shutdown(self, broker: Any) -> None:
+        """amqtt's shutdown, bounded. It closes each client's stream and waits until the stream is closed, which
+        for a client cut off with unsent data in its buffer is TCP's retransmission timeout, many minutes (found
+        by the LAN tests: a node that lost the broker-host choice across a partition waited in here, and so never
+        connected to the broker that won). After a grace period our clients' connections are aborted."""
+        shutdown = asyncio.ensure_future(broker.shutdown())
+        done, _ = await asyncio.wait({shutdown}, timeout=STOP_GRACE_S)
+        if not done:
+            log.warning("embedded broker on %s: clients did not close within %.0f s (cut off?): aborting them",
+                        self._address, STOP_GRACE_S)
+            for writer in list(self._connections.values()):
+                writer.transport.abort()
+            done, _ = await asyncio.wait({shutdown}, timeout=STOP_GRACE_S)
+        if not done:
+            shutdown.cancel()
+            await asyncio.gather(shutdown, return_exceptions=True)
+            log.error("embedded broker on %s: shutdown still waiting after aborting its clients; abandoned",
+                      self._address)
+            return
+        shutdown.result()  # raises what amqtt raised
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # A plain callback (not a coroutine) so that every connection is tracked from its first moment.

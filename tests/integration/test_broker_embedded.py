@@ -189,3 +189,55 @@ def test_config_is_explicit() -> None:
     assert "0.0.0.0" not in repr(config) and "sys" not in repr(config).lower()
     custom = EmbeddedBroker("127.0.0.1", plugins={"my.auth.FarmKeyAuth": {"key": "k"}}).config(1)
     assert custom["plugins"] == {"my.auth.FarmKeyAuth": {"key": "k"}}
+
+
+def _mqtt(kind: int, body: bytes) -> bytes:
+    n, length = len(body), bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        length.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes([kind]) + bytes(length) + body
+
+
+def _utf8(text: str) -> bytes:
+    return len(text).to_bytes(2, "big") + text.encode()
+
+
+async def test_stop_does_not_wait_for_a_client_that_stopped_reading() -> None:
+    """A client that no longer reads (cut off, paused) keeps amqtt's shutdown waiting for its stream to close
+    for as long as TCP retries. stop() aborts it after a grace period: found by the LAN tests, where a node that
+    lost the broker-host choice across a partition never connected to the winner."""
+    import socket as socket_mod
+
+    from broker import embedded as E
+
+    broker = E.EmbeddedBroker("127.0.0.1")
+    host, port = await broker.start()
+    loop = asyncio.get_running_loop()
+    stuck = socket_mod.create_connection((host, port))
+    sender = socket_mod.create_connection((host, port))
+    try:
+        stuck.setsockopt(socket_mod.SOL_SOCKET, socket_mod.SO_RCVBUF, 4096)
+        connect = _utf8("MQTT") + b"\x04\x02\x00\x3c"
+        stuck.sendall(_mqtt(0x10, connect + _utf8("stuck")) + _mqtt(0x82, b"\x00\x01" + _utf8("#") + b"\x00"))
+        sender.sendall(_mqtt(0x10, connect + _utf8("sender")))
+        chunk = _mqtt(0x30, _utf8("t") + b"x" * 200_000)
+        sender.setblocking(False)
+        # Fill the stuck client's buffers: it never reads; the broker's writes to it back up.
+        deadline = loop.time() + 10
+        sent = 0
+        while sent < 40 and loop.time() < deadline:
+            try:
+                await asyncio.wait_for(loop.sock_sendall(sender, chunk), 1.0)
+                sent += 1
+            except TimeoutError:
+                break
+        started = loop.time()
+        async with asyncio.timeout(4 * E.STOP_GRACE_S):
+            await broker.stop()
+        assert loop.time() - started < 3 * E.STOP_GRACE_S
+        assert not broker.running
+    finally:
+        stuck.close()
+        sender.close()
