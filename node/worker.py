@@ -46,6 +46,7 @@ from node.consensus import Consensus
 from node.link.base import Link
 from node.printers.base import PrinterDriver, PrinterState
 from node.tasks import cancel_and_wait
+from shared import claims
 from shared import protocol as P
 from shared.errors import FileStoreError, NetqError, PrinterError
 from shared.models import Capabilities, CopyState, Job, JobCopy, Material, Stamp, WorkerState, job_key
@@ -225,12 +226,8 @@ class Worker:
                 await self._wait(self.settings.timing.work_retry_s)
 
     def _mine(self) -> tuple[Job, JobCopy] | None:
-        for job in self.c.state.jobs():
-            for copy in job.copies:
-                if copy.node == self.node_id and copy.state in (CopyState.CLAIMED, CopyState.PRINTING,
-                                                                 CopyState.ORPHANED):
-                    return job, copy
-        return None
+        held = claims.holding(self.c.state, self.node_id)
+        return held[0] if held else None
 
     def _committed(self, key: str) -> bool:
         obj = self.c.state.objects.get(key)

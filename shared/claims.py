@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.errors import RequestError
-from shared.models import Capabilities, CopyState, Job, JobCopy, Stamp, job_key
+from shared.models import ACTIVE_COPY_STATES, Capabilities, CopyState, Job, JobCopy, Stamp, job_key
 from shared.state import FarmState
 
 Write = tuple[str, dict[str, Any] | None]
@@ -65,7 +65,7 @@ def holding(state: FarmState, node: str) -> list[tuple[Job, JobCopy]]:
     out = []
     for job in state.held_jobs(node):
         for copy in job.copies:
-            if copy.node == node and copy.state in (CopyState.CLAIMED, CopyState.PRINTING, CopyState.ORPHANED):
+            if copy.node == node and copy.state in ACTIVE_COPY_STATES:
                 out.append((job, copy))
     return out
 
