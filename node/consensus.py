@@ -303,8 +303,7 @@ class Consensus:
             if len(kept) < len(self.records):
                 log.info("%s: %d records of the split settled (their merge by the arbiter of term %d is "
                          "committed)", self.node_id, len(self.records) - len(kept), settle[0])
-                self.records = kept
-                self.replica.set_meta(unconfirmed=[r.model_dump(mode="json") for r in kept.values()])
+                self._store_records(kept)
 
     def _on_entry(self, e: P.Entry) -> None:
         if not self._accepts_farm(e.farm):
@@ -849,15 +848,18 @@ class Consensus:
         before = {k: self.state.get(k) for k in after}
         records = M.record_changes(self.records, before, after)
         if records != self.records:
-            self.records = records
-            self.replica.set_meta(unconfirmed=[r.model_dump(mode="json") for r in records.values()])
+            self._store_records(records)
 
     def _clear_records(self, why: str) -> None:
         if not self.records:
             return
         log.info("%s: %d records of the split settled (%s)", self.node_id, len(self.records), why)
-        self.records = {}
-        self.replica.set_meta(unconfirmed=[])
+        self._store_records({})
+
+    def _store_records(self, records: dict[str, M.MergeRecord]) -> None:
+        """Our records, kept durably (replica meta ``unconfirmed``) before anything relies on them."""
+        self.records = records
+        self.replica.set_meta(unconfirmed=[r.model_dump(mode="json") for r in records.values()])
 
     def _followers(self, leader: Leadership) -> set[str]:
         """Members that hold our term's snapshot (they acked a seq of it) and were heard lately, and us."""
