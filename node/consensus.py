@@ -405,11 +405,16 @@ class Consensus:
             if (m.term, m.seq) > self.applied:
                 self._apply((m.term, m.seq), m.objects, snapshot=True, partial=m.partial)
                 self._drain()
-            if self.available and self.node_id in m.merged and self.records:
+            if self.available and self.node_id in m.merged and self.records and not m.partial:
                 # The arbiter merged our records into this state, which it has proposed but may not have
                 # committed yet: we hold it now (and acknowledge it, so our weight counts towards that commit),
                 # and keep our records until we see it committed. Were they dropped here, an arbiter lost
                 # before that commit would take our side's changes with it.
+                # A partial state (some member does not follow that arbiter) settles nothing: the members it
+                # lacks have not seen our changes, and the next arbiter may be one of them. Our records stay,
+                # with their ancestors, until every member holds every entry (found by the LAN tests: records
+                # settled by one side's merge were never offered to the arbiter of the other side, which took a
+                # failed copy back to printing).
                 self._settle_at = (m.term, m.seq)
                 self._touched_since = set()
             self._learn_commit(m.term, m.commit)

@@ -58,6 +58,7 @@ from shared.topics import Topics
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1
+ENDED_KEPT = 256  # copies whose end this node reported, remembered (replica meta ``ended``) newest last
 ProgressCallback = Callable[[int, int | None], None]  # bytes so far, total bytes (None: unknown)
 EnsureFile = Callable[[str, list[str], ProgressCallback], Awaitable[Path]]
 
@@ -153,6 +154,8 @@ class Worker:
         self._next_connect = 0.0
         self._released: Stamp | None = None  # grant released because the printer is offline
         self._bed_dirty = bool(consensus.replica.get_meta("bed_dirty", False))
+        # The ends this node reported, by (job key, copy, grant): never printed again (see _report_again).
+        self._ended_list: list[dict[str, Any]] = list(consensus.replica.get_meta("ended", []) or [])
         self._task: asyncio.Task[None] | None = None
         self._last_request = -1e9
         self._requested_key: tuple[int, str | None, bool] | None = None
@@ -255,6 +258,10 @@ class Worker:
         if mine is not None:
             job, copy = mine
             held = Held.of(job, copy)
+            ended = self._ended(held) if self.current is None else None
+            if ended is not None:
+                await self._report_again(held, copy, ended)
+                return
             if copy.state == CopyState.CLAIMED:
                 # No need to wait for the grant's commit: the start we ask for is a later entry of the same
                 # log, so its commit implies the grant's. The printer waits for *that* commit.
@@ -504,11 +511,40 @@ class Worker:
                 return False, f"print {name} failed: {st.reason or 'printer error'}"
             return False, f"print {name} ended: {st.reason or st.last_result or st.state.value}"
 
+    def _ended(self, held: Held) -> dict[str, Any] | None:
+        """Our own report of how this copy ended under this grant, if we made one."""
+        for e in self._ended_list:
+            if e.get("key") == held.key and e.get("copy") == held.copy_index \
+                    and tuple(e.get("grant") or ()) == tuple(held.grant):
+                return dict(e)
+        return None
+
+    async def _report_again(self, held: Held, copy: JobCopy, ended: dict[str, Any]) -> None:
+        """The farm holds a copy of ours as not yet ended under a grant whose end we already reported.
+
+        In safety mode ``available`` the merge of two sides can bring back an older value of a copy (one side
+        never saw the end). Printing it again would print it twice on this printer; the outcome is known:
+        report it again. (A claimed copy first gets its start committed: only a started copy can end.)"""
+        outcome = P.Outcome(ended["outcome"])
+        log.warning("%s: %s#%d is %s again under grant %s, whose end (%s) we reported: reporting it again, "
+                    "not printing it twice", self.node_id, held.job, held.copy_index, copy.state.value,
+                    held.grant, outcome.value)
+        self.current = held
+        if copy.state == CopyState.CLAIMED and not await self._start_committed(held):
+            self.current = None
+            return
+        await self._finish(held, outcome, ended.get("reason"))
+
     async def _finish(self, held: Held, outcome: P.Outcome, reason: str | None) -> None:
         """Report the end of the copy until the arbiter has committed it (or the copy is no longer ours)."""
         # Remember the outcome until its commit is seen: a restart in between reports it again, and never
         # mistakes the copy for one whose printer was never called.
         self._save_local(held, -1, -1, f"finishing:{outcome.value}", reason)
+        if self._ended(held) is None:  # and for good: see _report_again
+            self._ended_list = [*self._ended_list[-(ENDED_KEPT - 1):], {
+                "key": held.key, "copy": held.copy_index, "grant": list(held.grant), "outcome": outcome.value,
+                "reason": reason}]
+            self.c.replica.set_meta(ended=self._ended_list)
         loop = asyncio.get_running_loop()
         last_sent = -1e9
         last_key = self.c.arbiter_key

@@ -94,11 +94,34 @@ def _same_start(a: JobCopy, b: JobCopy) -> bool:
     return a.grant is not None and a.grant == b.grant and a.node == b.node
 
 
+def _later_of_one_start(a: JobCopy, b: JobCopy) -> JobCopy | None:
+    """Two values of one start (same grant, same node) at different points of its life: the later one.
+
+    A start only moves forward (claimed, printing or orphaned, then an end; an operator's resolution ends it
+    again, later), so whatever the ancestor says, neither side may take the other back. The ancestor of a record
+    is the value its node had when its own side's changes began, which the other side need not share: a node
+    that has followed arbiters of two sides offers an ancestor from the second one. Found by the LAN tests: an
+    arbiter that had been cut off since before a copy's failure was reported took the copy's older, printing
+    value back, and its node printed it again.
+
+    Both ended, at different times: the later end is an operator's resolution, and stands as it is (its
+    ``conflict`` too, which the operator cleared). Otherwise a reported conflict stays."""
+    if not _same_start(a, b) or a.state == b.state:
+        return None
+    if a.finished_at is not None and b.finished_at is not None and a.finished_at != b.finished_at:
+        return a if a.finished_at > b.finished_at else b
+    later = a if _RANK[a.state] > _RANK[b.state] else b if _RANK[b.state] > _RANK[a.state] else None
+    return None if later is None else later.model_copy(update={"conflict": a.conflict or b.conflict})
+
+
 def merge_copy(mine: JobCopy, theirs: JobCopy, ancestor: JobCopy | None) -> tuple[JobCopy, list[str] | None]:
     """One copy both sides changed: the most advanced state wins (``mine`` on a tie). Returns the copy and,
     when both sides started it under different grants, the nodes that started it (a double start)."""
     if mine == theirs:
         return mine, None
+    later = _later_of_one_start(mine, theirs)
+    if later is not None:
+        return later, None
     if ancestor is not None and mine == ancestor:
         return theirs, None
     if ancestor is not None and theirs == ancestor:

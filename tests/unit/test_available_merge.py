@@ -1,14 +1,23 @@
-"""Safety mode ``available``: the pure rules of shared.merge (owned terms, records, the three-way merge)."""
+"""Safety mode ``available``: the pure rules of shared.merge (owned terms, records, the three-way merge), and
+when a node lets its records go."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from node.consensus import Consensus
+from node.link.base import LinkOptions, Message
+from node.link.memory import MemoryBroker, MemoryLink
+from node.replica import Replica
 from shared import merge as M
-from shared.models import CopyState, Member
+from shared import protocol as P
+from shared.models import CopyState, Member, StoredObject
+from shared.settings import Settings
 
 SHA = "a" * 64
 
@@ -130,6 +139,32 @@ def test_the_same_start_seen_from_both_sides_is_no_conflict() -> None:
     assert events == []
 
 
+def test_one_start_never_goes_back_whatever_the_records_ancestor_says() -> None:
+    # The offering node's ancestor is from a side this arbiter never followed: at the job level it looks as if
+    # only our side changed copy 0 (theirs equals the ancestor there), but ours is an older point of the same
+    # start (grant and node). Found by the LAN tests (seed 204): the failed copy went back to printing.
+    failed = {**_printing("n1", [4, 8]), "state": "failed", "finished_at": 9.0, "reason": "outcome unknown"}
+    ancestor = _job(failed, QUEUED)
+    theirs = _job(failed, _done("n3", [4, 12]))
+    mine = _job(_printing("n1", [4, 8]), QUEUED)
+    writes, events = M.merge_offer({"job/default/j1": mine}, [_rec("job/default/j1", ancestor, theirs)])
+    copies = _copies(writes[0][1])
+    assert copies[0]["state"] == "failed" and copies[0]["reason"] == "outcome unknown"
+    assert copies[1]["state"] == "done" and events == []
+    # Both ended: the later end (an operator's resolution) stands, with the conflict it cleared.
+    conflicted = {**_done("n1", [4, 8]), "finished_at": 9.0, "conflict": True}
+    resolved = {**failed, "finished_at": 20.0, "reason": "resolved by an operator", "conflict": False}
+    writes, _ = M.merge_offer({"job/default/j1": _job(conflicted)},
+                              [_rec("job/default/j1", _job(conflicted), _job(resolved))])
+    (_, value), = writes
+    got = _copies(value)[0]
+    assert (got["state"], got["reason"], got["conflict"]) == ("failed", "resolved by an operator", False)
+    writes, _ = M.merge_offer({"job/default/j1": _job(resolved)},
+                              [_rec("job/default/j1", _job(QUEUED), _job(conflicted))])
+    got = _copies(writes[0][1])[0] if writes else resolved  # ours is the later end: it stays
+    assert (got["state"], got["reason"], got["conflict"]) == ("failed", "resolved by an operator", False)
+
+
 def test_a_removal_wins_over_edits_and_a_conflict_is_never_cleared() -> None:
     ancestor = _job(QUEUED)
     writes, _ = M.merge_offer({"job/default/j1": None}, [_rec("job/default/j1", ancestor, _job(QUEUED, name="x"))])
@@ -168,3 +203,37 @@ def test_merging_is_symmetric_in_outcome_state_and_never_hides_a_double_start(a:
     both_started = all(c.get("attempts", 0) > 0 and c.get("grant") is not None for c in (a, b)) \
         and a.get("grant") != b.get("grant")
     assert bool(ev_ab) == bool(ev_ba) == both_started
+
+
+# --- records and merges, in the node ------------------------------------------------------------------------
+def _follower(tmp_path: Path) -> Consensus:
+
+    settings = Settings(node_id="n1", data_dir=str(tmp_path), farm={"safety": "available",
+                                                                    "experimental_available": True})
+    c = Consensus(settings, MemoryLink(MemoryBroker(), LinkOptions(client_id="n1")), Replica(tmp_path / "r.db"),
+                  clock=lambda: 100.0)
+    c.farm = "f1"
+    changed = _job(_done("n1", [4, 8]))
+    c._apply((4, 2), [StoredObject(key="job/default/j1", stamp=(4, 2), value=changed)], snapshot=False,
+             partial=True)
+    assert set(c.records) == {"job/default/j1"}
+    return c
+
+
+def _merged_snapshot(c: Consensus, *, partial: bool, seq: int, commit: int) -> Message:
+    objects = list(c.state.objects.values())
+    snap = P.Snapshot(farm="f1", term=7, seq=seq, commit=commit, objects=objects, partial=partial,
+                      merged=["n1"])
+    return Message(topic="netq/p/node/n1", payload=P.encode(snap))
+
+
+@pytest.mark.parametrize("partial", [False, True])
+async def test_a_merge_settles_records_only_when_every_member_follows_its_arbiter(tmp_path: Path, partial: bool) -> None:
+    """Records merged by an arbiter that some member does not follow stay, with their ancestors: the member it
+    lacks may be the next arbiter, and must get them (found by the LAN tests, seed 204)."""
+    c = _follower(tmp_path)
+    c._on_direct(_merged_snapshot(c, partial=partial, seq=3, commit=2))
+    assert set(c.records) == {"job/default/j1"}  # proposed, not committed: kept either way
+    c._learn_commit(7, 3)
+    assert bool(c.records) is partial
+    assert bool(c.replica.get_meta("unconfirmed")) is partial  # durably so

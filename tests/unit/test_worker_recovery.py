@@ -62,3 +62,34 @@ async def test_a_restarted_node_prints_an_uncommitted_start_only_once_the_farm_c
         assert len(starts) == 1, f"copy started {len(starts)} times: {starts}"
     finally:
         await farm.stop()
+
+
+async def test_a_copy_brought_back_by_a_merge_is_reported_again_never_printed_twice(tmp_path: Path) -> None:
+    """Safety mode ``available`` can bring back an older value of a copy: a side that never saw its end merges
+    it as still printing (found by the LAN chaos tests, seed 204: the node printed it a second time). The node
+    remembers the ends it reported, per grant, and reports that end again."""
+    farm = MemFarm(tmp_path, 3)
+    sha = farm.add_file(gcode(30, "j1"))
+    started = JobCopy(index=0, state=CopyState.PRINTING, node="n1", grant=(4, 8), started_at=1.0, attempts=1)
+    for n in ("n1", "n2", "n3"):
+        _seed_replica(tmp_path / n, started, (4, 9), (4, 9), sha)
+    replica = Replica(tmp_path / "n1" / "replica.db")
+    reason = "the node restarted during this print and its outcome is unknown"
+    replica.set_meta(ended=[{"key": job_key("default", "j1"), "copy": 0, "grant": [4, 8], "outcome": "failed",
+                             "reason": reason}])
+    replica.close()
+    try:
+        await farm.start()
+
+        def copy() -> JobCopy | None:
+            arbiter = farm.arbiter()
+            job = arbiter.consensus.state.job(job_key("default", "j1")) if arbiter else None
+            return job.copies[0] if job is not None else None
+
+        await farm.wait_for(lambda: (c := copy()) is not None and c.state == CopyState.FAILED, 20.0,
+                            "n1 to report the end it had reported before")
+        c = copy()
+        assert c is not None and c.reason == reason and c.grant == (4, 8)
+        assert [name for name in farm.starts() if name.startswith("j1-c0-")] == []
+    finally:
+        await farm.stop()
