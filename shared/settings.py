@@ -31,25 +31,14 @@ class Section(BaseModel):
 
 class FarmSettings(Section):
     key: str | None = None  # farm key; None: an open farm (said loudly at start-up)
+    # quorum: no copy is ever started twice, a side without a quorum stops; available: every side keeps
+    # printing, and each copy printed twice is reported after the heal (docs/protocol.md). Same on every node.
     safety: SafetyMode = SafetyMode.QUORUM
-    # Safety mode ``available`` is experimental: under the LAN fault tests it still loses acknowledged jobs and
-    # misses conflicts (docs/protocol.md). It runs only when this is set too, knowingly.
-    experimental_available: bool = False
     base_topic: str = "netq"
     # A failed or cancelled print returns its copy to the queue until it has been started this many times;
     # then the copy is marked failed with the reason. The arbiter's setting is the one that counts: keep it
     # the same on every node.
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
-
-    @model_validator(mode="after")
-    def _available_is_experimental(self) -> FarmSettings:
-        if self.safety == SafetyMode.AVAILABLE and not self.experimental_available:
-            raise ValueError(
-                "safety mode 'available' is experimental: in the LAN fault tests it still loses acknowledged "
-                "jobs and misses conflicts after some partitions (docs/protocol.md, 'Safety mode available'). "
-                "Use 'quorum' (with a printer-less witness in a two-printer farm), or set "
-                "farm.experimental_available = true to test it")
-        return self
 
 
 class BrokerSettings(Section):

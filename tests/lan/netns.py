@@ -406,8 +406,7 @@ class LanFarm:
         addr = node.host.addr
         return {
             "node_id": node.node_id, "data_dir": str(node.data_dir),
-            "farm": {"base_topic": "netq", "safety": self.safety,
-                     **({"experimental_available": True} if self.safety == "available" else {})},
+            "farm": {"base_topic": "netq", "safety": self.safety},
             "broker": {"bind": addr, "port": 1883, "interfaces": [addr], "priority": 10},
             "timing": self.timing,
             "printer": {"driver": "simulated", "time_scale": self.time_scale, "journal": str(node.journal),

@@ -52,8 +52,7 @@ def _farm(tmp_path: Path, safety: SafetyMode) -> MemFarm:
     farm = MemFarm(tmp_path, 3, time_scale=300)
     for node in farm.nodes:
         node.settings = node.settings.model_copy(
-            update={"farm": node.settings.farm.model_copy(update={"safety": safety,
-                                                                   "experimental_available": True})})
+            update={"farm": node.settings.farm.model_copy(update={"safety": safety})})
     return farm
 
 

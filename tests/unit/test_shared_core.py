@@ -317,16 +317,16 @@ def test_no_sequence_of_claim_operations_starts_a_copy_twice(ops) -> None:  # ty
     assert starts <= 1
 
 
-def test_safety_mode_available_must_be_asked_for_knowingly() -> None:
+def test_safety_mode_is_quorum_unless_available_is_chosen() -> None:
     from pydantic import ValidationError
 
     from shared.settings import SafetyMode, Settings
 
-    with pytest.raises(ValidationError, match="experimental"):
-        Settings(node_id="n1", data_dir="/tmp/unused", farm={"safety": "available"})
-    s = Settings(node_id="n1", data_dir="/tmp/unused", farm={"safety": "available", "experimental_available": True})
-    assert s.farm.safety == SafetyMode.AVAILABLE
     assert Settings(node_id="n1", data_dir="/tmp/unused").farm.safety == SafetyMode.QUORUM
+    s = Settings(node_id="n1", data_dir="/tmp/unused", farm={"safety": "available"})
+    assert s.farm.safety == SafetyMode.AVAILABLE
+    with pytest.raises(ValidationError, match="safety"):
+        Settings(node_id="n1", data_dir="/tmp/unused", farm={"safety": "sometimes"})
 
 
 @settings(max_examples=60, deadline=None)
