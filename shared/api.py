@@ -19,6 +19,7 @@ from shared import membership
 from shared.errors import RequestError
 from shared.models import (
     ACTIVE_COPY_STATES,
+    RESOLVED_BY_OPERATOR,
     CopyState,
     Job,
     JobCopy,
@@ -315,7 +316,7 @@ def job_resolve(state: FarmState, body: dict[str, Any], ctx: Context) -> Outcome
     else:
         new_copy = copy.model_copy(update={
             "state": CopyState.DONE if req.outcome == "done" else CopyState.FAILED,
-            "finished_at": ctx.now, "reason": "resolved by an operator", "conflict": False,
+            "finished_at": ctx.now, "reason": RESOLVED_BY_OPERATOR, "conflict": False,
         })
     copies = list(job.copies)
     copies[req.copy_index] = new_copy

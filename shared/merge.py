@@ -22,7 +22,7 @@ from typing import Annotated, Any
 
 from pydantic import StringConstraints
 
-from shared.models import CopyState, Job, JobCopy, Member, Model
+from shared.models import RESOLVED_BY_OPERATOR, CopyState, Job, JobCopy, Member, Model
 
 TERM_SLOTS = 100
 """Terms are owned by slot in ``available`` mode: node of slot ``k`` stands only for terms ``t`` with
@@ -104,14 +104,19 @@ def _later_of_one_start(a: JobCopy, b: JobCopy) -> JobCopy | None:
     arbiter that had been cut off since before a copy's failure was reported took the copy's older, printing
     value back, and its node printed it again.
 
-    Both ended, at different times: the later end is an operator's resolution, and stands as it is (its
-    ``conflict`` too, which the operator cleared). Otherwise a reported conflict stays."""
-    if not _same_start(a, b) or a.state == b.state:
+    Of two ends, the later one (an operator's resolution, or the same end reported again). A reported conflict
+    stays, unless the later value is an operator's resolution, which cleared it."""
+    if not _same_start(a, b):
         return None
     if a.finished_at is not None and b.finished_at is not None and a.finished_at != b.finished_at:
-        return a if a.finished_at > b.finished_at else b
-    later = a if _RANK[a.state] > _RANK[b.state] else b if _RANK[b.state] > _RANK[a.state] else None
-    return None if later is None else later.model_copy(update={"conflict": a.conflict or b.conflict})
+        later = a if a.finished_at > b.finished_at else b
+    elif a.state != b.state and _RANK[a.state] != _RANK[b.state]:
+        later = a if _RANK[a.state] > _RANK[b.state] else b
+    else:
+        return None
+    if later.reason == RESOLVED_BY_OPERATOR:
+        return later
+    return later.model_copy(update={"conflict": a.conflict or b.conflict})
 
 
 def merge_copy(mine: JobCopy, theirs: JobCopy, ancestor: JobCopy | None) -> tuple[JobCopy, list[str] | None]:

@@ -70,6 +70,9 @@ ACTIVE_COPY_STATES = frozenset({CopyState.CLAIMED, CopyState.PRINTING, CopyState
 FINAL_COPY_STATES = frozenset({CopyState.DONE, CopyState.FAILED, CopyState.CANCELLED})
 
 
+RESOLVED_BY_OPERATOR = "resolved by an operator"  # the reason on a copy an operator settled (job/resolve)
+
+
 class JobCopy(Model):
     index: int
     state: CopyState = CopyState.QUEUED

@@ -163,6 +163,12 @@ def test_one_start_never_goes_back_whatever_the_records_ancestor_says() -> None:
                               [_rec("job/default/j1", _job(QUEUED), _job(conflicted))])
     got = _copies(writes[0][1])[0] if writes else resolved  # ours is the later end: it stays
     assert (got["state"], got["reason"], got["conflict"]) == ("failed", "resolved by an operator", False)
+    # The same end reported again later (a node reports what it knows after a merge) keeps the conflict.
+    again = {**conflicted, "finished_at": 30.0, "conflict": False}
+    writes, _ = M.merge_offer({"job/default/j1": _job(conflicted)},
+                              [_rec("job/default/j1", _job(QUEUED), _job(again))])
+    got = _copies(writes[0][1])[0]
+    assert (got["state"], got["finished_at"], got["conflict"]) == ("done", 30.0, True)
 
 
 def test_a_removal_wins_over_edits_and_a_conflict_is_never_cleared() -> None:
