@@ -110,7 +110,7 @@ def _later_of_one_start(a: JobCopy, b: JobCopy) -> JobCopy | None:
         return None
     if a.finished_at is not None and b.finished_at is not None and a.finished_at != b.finished_at:
         later = a if a.finished_at > b.finished_at else b
-    elif a.state != b.state and _RANK[a.state] != _RANK[b.state]:
+    elif _RANK[a.state] != _RANK[b.state]:
         later = a if _RANK[a.state] > _RANK[b.state] else b
     else:
         return None

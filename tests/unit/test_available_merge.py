@@ -213,7 +213,6 @@ def test_merging_is_symmetric_in_outcome_state_and_never_hides_a_double_start(a:
 
 # --- records and merges, in the node ------------------------------------------------------------------------
 def _follower(tmp_path: Path) -> Consensus:
-
     settings = Settings(node_id="n1", data_dir=str(tmp_path), farm={"safety": "available"})
     c = Consensus(settings, MemoryLink(MemoryBroker(), LinkOptions(client_id="n1")), Replica(tmp_path / "r.db"),
                   clock=lambda: 100.0)
