@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared import security
+from shared.errors import ConfigError
 from shared.models import NAMESPACE_RE, NODE_ID_RE, Material
 from shared.scheduling.operators import ALWAYS, OperatorSchedule, Shift
 from shared.scheduling.params import SchedulerParams
@@ -30,7 +32,14 @@ class Section(BaseModel):
 
 
 class FarmSettings(Section):
-    key: str | None = None  # farm key; None: an open farm (said loudly at start-up)
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # never echo a (damaged) key
+
+    # The farm key (`netq init` makes one, `netq join CODE` fetches it): the same on every node. Every
+    # credential, token and signature of the farm is derived from it (shared.security, docs/security.md).
+    key: str | None = None
+    # A farm without a key: any client on the network can read, steer and join it. Only when asked for, and
+    # said at every start-up and by `netq nodes`.
+    open: bool = False
     # quorum: no copy is ever started twice, a side without a quorum stops; available: every side keeps
     # printing, and each copy printed twice is reported after the heal (docs/protocol.md). Same on every node.
     safety: SafetyMode = SafetyMode.QUORUM
@@ -39,6 +48,34 @@ class FarmSettings(Section):
     # then the copy is marked failed with the reason. The arbiter's setting is the one that counts: keep it
     # the same on every node.
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+
+    @field_validator("key")
+    @classmethod
+    def _key_parses(cls, key: str | None) -> str | None:
+        if key is None:
+            return None
+        try:
+            security.parse_key(key)
+        except ConfigError as exc:  # says what is wrong without echoing the key
+            raise ValueError(str(exc)) from None
+        return key.strip()
+
+    @model_validator(mode="after")
+    def _key_or_open(self) -> FarmSettings:
+        if self.key is not None and self.open:
+            raise ValueError("farm.open = true and farm.key are exclusive: a farm with a key is not open")
+        return self
+
+    @property
+    def key_bytes(self) -> bytes | None:
+        """The farm key's bytes (None: an open farm, or no key yet)."""
+        return None if self.key is None else security.parse_key(self.key)
+
+    @property
+    def farm_id(self) -> str:
+        """The farm's public id (``open`` for an open farm)."""
+        key = self.key_bytes
+        return "open" if key is None else security.farm_id(key)
 
 
 class BrokerSettings(Section):
