@@ -28,12 +28,11 @@ class SafetyMode(enum.StrEnum):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Errors never echo what was given: a damaged farm key or an API key would end up in a log.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
 class FarmSettings(Section):
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # never echo a (damaged) key
-
     # The farm key (`netq init` makes one, `netq join CODE` fetches it): the same on every node. Every
     # credential, token and signature of the farm is derived from it (shared.security, docs/security.md).
     key: str | None = None
