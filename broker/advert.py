@@ -1,7 +1,8 @@
 """Zeroconf adverts of netqueues nodes: publish our own, browse everyone's (``_netqueues._tcp.local.``).
 
-TXT keys: ``proto`` (protocol version), ``farm`` (farm fingerprint or ``open``), ``node`` (node id, also the
-service instance name), ``prio`` (broker priority, 0 = never host) and ``broker=host:port`` while hosting.
+TXT keys: ``proto`` (protocol version), ``farm`` (the farm id, ``shared.security.farm_id``, or ``open``),
+``node`` (node id, also the service instance name), ``prio`` (broker priority, 0 = never host) and
+``broker=host:port`` while hosting.
 
 Zeroconf only says who *was* there: a crashed node's record lingers for many minutes, so liveness never
 comes from here (see :mod:`broker.choice`). Zeroconf errors become :class:`shared.errors.BrokerError`,

@@ -2,7 +2,7 @@
 
 The rule (docs: DESIGN.md, "Broker host"):
 
-1. Only adverts of this farm (same fingerprint) and protocol version count.
+1. Only adverts of this farm (same farm id) and protocol version count.
 2. A broker is *live* when its address answered our probe (or it is our own running broker). A zeroconf
    record that still names a broker which does not answer is a dead node's leftover: reachability decides.
 3. If any broker is live, use it (sticky: a newcomer never moves it). If several are live (a race, a healed

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from broker.advert import Adverts, check_node_id
+from broker.auth import FarmAccess
 from broker.choice import Action, Address, Advert, ChoiceState, Decision, Observation, Timing, counts, decide
 from broker.embedded import DEFAULT_MAX_PACKET_BYTES, EmbeddedBroker
 from shared.errors import BrokerError, ConfigError, ProtocolError
@@ -205,9 +206,12 @@ class BrokerHost:
         refresh_interval: float = 4.0,
         service_port: int = 0,
         max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES,
+        access: FarmAccess | None = None,
         broker_plugins: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
-        """``farm``: fingerprint or ``open``; ``proto``: ``shared.PROTOCOL_VERSION``.
+        """``farm``: the farm id (``FarmSettings.farm_id``) or ``open``; ``proto``: ``shared.PROTOCOL_VERSION``.
+        ``access``: the farm's broker credentials and topic rules for the embedded broker (None: an open farm,
+        anonymous clients admitted). ``max_packet_bytes``: the bound on packets from clients that are not members.
         ``interfaces``: IPv4 addresses for zeroconf. ``broker_host``: where the embedded broker binds and
         what it advertises (default: the first interface). ``settle``: after registering, how long to look
         for other nodes before hosting. ``probe_failures``: failed probes in a row before a broker is dead.
@@ -232,6 +236,7 @@ class BrokerHost:
         self._probes = _Probes(probe_timeout, probe_failures)
         self._service_port = service_port
         self._max_packet_bytes = max_packet_bytes
+        self._access = access
         self._broker_plugins = broker_plugins
         self._adverts: Adverts | None = None
         self._embedded: EmbeddedBroker | None = None
@@ -360,6 +365,7 @@ class BrokerHost:
             embedded = EmbeddedBroker(
                 self._broker_host,
                 self._broker_port,
+                access=self._access,
                 max_packet_bytes=self._max_packet_bytes,
                 plugins=self._broker_plugins,
             )

@@ -126,6 +126,8 @@ class MqttLink:
         self._fd = -1
         self._writing = False
         self._warned: set[str] = set()
+        self.refusal: str | None = None  # why the broker last refused our CONNECT (None once one is accepted)
+        self._refusal_handlers: list[Callable[[str], None]] = []
 
     # -- Link --------------------------------------------------------------------------------------------
 
@@ -206,6 +208,11 @@ class MqttLink:
 
     def on_connection(self, handler: ConnectionHandler) -> None:
         self._table.add_connection_handler(handler)
+
+    def on_refused(self, handler: Callable[[str], None]) -> None:
+        """Call ``handler(reason)`` each time the broker refuses our CONNECT (§3.2.2.3: bad credentials, not
+        authorized, ...). The link keeps retrying: the broker may change (another node hosts it)."""
+        self._refusal_handlers.append(handler)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         if self._ready.is_set():
@@ -330,10 +337,18 @@ class MqttLink:
         properties: Properties | None,
     ) -> None:
         if reason.is_failure:
+            hint = " (are farm.key and its credentials this farm's?)" if self.options.username else ""
             self._warn_once(
-                "refused", "%s: broker %s refused the connection: %s", self.client_id, self._address, reason
+                "refused", "%s: broker %s refused the connection: %s%s", self.client_id, self._address, reason, hint
             )
+            self.refusal = str(reason)
+            for handler in list(self._refusal_handlers):
+                try:
+                    handler(self.refusal)
+                except Exception:
+                    _LOGGER.exception("%s: refusal handler failed", self.client_id)
             return  # the broker closes the socket (MQTT 3.1.1 §3.2.2.3); the supervisor retries
+        self.refusal = None
         self._connack_ok = True
         self._had_session = True
         self._warned.clear()
