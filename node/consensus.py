@@ -8,7 +8,15 @@ candidate; with votes of quorum weight it becomes the arbiter: it merges the new
 once that entry is committed. The arbiter's services (requests, claims, leases) live in :mod:`node.arbiter`
 and change state only through :meth:`Consensus.propose`.
 
-See docs/protocol.md for the argument of why this keeps every committed change.
+Every message it publishes on ``_proto/`` is sealed (``shared.security``: an HMAC with this node's key, its boot
+number and a counter), and every message it receives there is opened before its JSON is read: unsealed, forged,
+stale and replayed messages are dropped and counted (:attr:`Consensus.drops`, in the node's state). Then the
+protocol refuses what no honest member sends — a message naming another sender than its seal, entries and
+heartbeats from anyone but the arbiter of their term, votes from non-members, terms out of reach — before any
+state (the term first) changes. Only a farm with ``[farm] open = true`` sends and takes messages unsealed.
+
+See docs/protocol.md for the argument of why this keeps every committed change, and its "Seals and what the
+protocol refuses" for the checks.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import asyncio
 import enum
 import logging
 import random
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,8 +36,9 @@ from node.replica import Replica
 from node.tasks import cancel_and_wait
 from shared import merge as M
 from shared import protocol as P
-from shared.errors import ProtocolError
-from shared.models import ZERO_STAMP, Member, Stamp, StoredObject, member_key
+from shared.errors import ConfigError, ProtocolError
+from shared.models import ZERO_STAMP, Member, Model, Stamp, StoredObject, member_key
+from shared.security import Drop, Opener, Sealer, SealError
 from shared.settings import SafetyMode, Settings
 from shared.state import FarmState, committed_seq, has_quorum, merge_newest
 from shared.topics import Topics
@@ -39,6 +49,20 @@ SYNC_RETRY_S = 0.5
 # Safety mode ``available``: a candidate without a quorum counts the members heard within this many election
 # timeouts; a member heard longer ago is taken to be on the other side of a partition.
 HEARD_MEMORY_TIMEOUTS = 3.0
+NO_KEY = ("this node has no farm key: run `netq init` to make a new farm, or `netq join CODE` to join one (or set "
+          "farm.key to the farm's key); `farm.open = true` runs an open farm, unsealed, that anyone on the network "
+          "can read, join and steer")
+_SEAL_TAG = b"NQS1"  # the first word of a seal's trailer (shared.security, docs/protocol.md)
+_WARN_ONCE_LIMIT = 1024  # (reason, sender) pairs warned about; beyond that, every drop is logged at debug
+
+
+class _From(enum.Enum):
+    """What to make of an entry, heartbeat or snapshot, judged by its sender and term."""
+
+    ARBITER = "arbiter"  # the arbiter of a term we may follow
+    OLDER = "older"  # a member serving an older term than ours
+    REFUSED = "refused"  # no honest node sends it
+    ASK = "ask"  # not enough to follow, but we may be the one behind: ask the sender for its state
 
 
 class Role(enum.StrEnum):
@@ -79,7 +103,11 @@ class Consensus:
         may_bootstrap: Callable[[], bool] = lambda: True,
         clock: Callable[[], float] | None = None,
         rng: random.Random | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
+        key = settings.farm.key_bytes
+        if key is None and not settings.farm.open:
+            raise ConfigError(NO_KEY)
         self.settings = settings
         self.node_id = settings.node_id
         self.link = link
@@ -94,7 +122,7 @@ class Consensus:
         self.farm: str | None = replica.get_meta("farm")
         self.term = replica.term
         self.applied: Stamp = replica.applied
-        self.base: Stamp = tuple(replica.get_meta("base", [0, 0]))  # type: ignore[assignment]
+        self.base: Stamp = tuple(replica.get_meta("base", [0, 0]))
         self.commit: Stamp = ZERO_STAMP  # (term, seq) known committed; only meaningful for our applied term
         self.role = Role.FOLLOWER
         self.arbiter: str | None = None
@@ -113,6 +141,19 @@ class Consensus:
         self._hb_scheduled = False
         self._last_rx = 0.0  # when a protocol message last came in (or the link was last down)
         self._tasks: list[asyncio.Task[None]] = []
+        # Seals (shared.security). The boot number is stored above every earlier one before anything is sent,
+        # at least the wall clock's seconds, so that a node whose replica was lost and made anew under the same
+        # id is not taken for a replay of its old self.
+        self.drops: dict[str, int] = {}  # protocol messages dropped, by reason (shared.security.Drop)
+        self.boot = replica.next_boot(at_least=int(wall()))
+        self._sealer = None if key is None else Sealer(key, self.node_id, self.boot)
+        self._opener = None if key is None else Opener(
+            key, boots=replica.peer_boots, on_boot=replica.set_peer_boots, drops=self.drops)
+        self._own_mark = b" ".join((_SEAL_TAG, self.node_id.encode(), b""))
+        self._warned: set[tuple[str, str | None]] = set()
+        self._term_arbiter: tuple[int, str] | None = None  # the arbiter we know of the current term
+        self._catch_up: tuple[str, int] | None = None  # (arbiter, term) whose state we asked for
+        self._last_catch_up = -1e9
         # Observers: called after state, commit or role changed (the worker, the arbiter services, the view).
         self.listeners: list[Callable[[], None]] = []
         self.on_applied: list[Callable[[list[StoredObject], bool], None]] = []
@@ -189,29 +230,134 @@ class Consensus:
         lo, hi = (1.0, 1.25) if self.is_broker_host() else (1.5, 2.5)
         self._deadline = self._clock() + base * self._rng.uniform(lo, hi)
 
-    def send_to_arbiter(self, msg: P.Model, qos: int = 1) -> bool:
+    def send_to_arbiter(self, msg: Model, qos: int = 1) -> bool:
         """Send ``msg`` to the arbiter we follow (False, and nothing sent, if we know of none)."""
         if self.arbiter is None:
             return False
         self._publish(self.topics.to_arbiter(self.arbiter), msg, qos)
         return True
 
-    def _publish(self, topic: str, msg: P.Model, qos: int = 1) -> None:
-        self.link.publish(topic, P.encode(msg), qos=qos)
+    def send_to_node(self, node: str, msg: Model, qos: int = 1) -> None:
+        """Send ``msg`` to ``node``'s inbox (the arbiter services: ``replicate``)."""
+        self._publish(self.topics.to_node(node), msg, qos)
 
-    def _decode(self, msg: Message) -> Any:
-        self._last_rx = self._clock()
+    def _publish(self, topic: str, msg: Model, qos: int = 1) -> None:
+        body = P.encode(msg)
+        self.link.publish(topic, body if self._sealer is None else self._sealer.seal(topic, body), qos=qos)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Protocol messages dropped so far, by reason (``unsigned``, ``forged``, ``replayed``, ``stale``,
+        ``malformed``, ``refused``): published in the node's state."""
+        return dict(self.drops)
+
+    def refuse(self, kind: str, sender: str | None, why: str) -> None:
+        """Count and log (once per sender, then at debug level) a well-sealed message the protocol refuses."""
+        self._drop(Drop.REFUSED, sender, f"{kind} from {sender}: {why}")
+
+    def _drop(self, reason: Drop, sender: str | None, why: str, *, counted: bool = False) -> None:
+        if not counted:
+            self.drops[reason.value] = self.drops.get(reason.value, 0) + 1
+        key = (reason.value, sender)
+        first = key not in self._warned and len(self._warned) < _WARN_ONCE_LIMIT
+        if first:
+            self._warned.add(key)
+        # A peer's doing: said once per reason and sender, then at debug level, so that it cannot flood the log.
+        log.log(logging.WARNING if first else logging.DEBUG, "%s: dropped a protocol message (%s): %s%s",
+                self.node_id, reason.value, why[:300], " (further ones at debug level)" if first else "")
+
+    def _is_own(self, payload: bytes) -> bool:
+        """A message of ours, come back on a topic we also publish to (the log, elections): ignored there
+        whatever it says, so neither opened nor decoded. Only our own key can seal one as us."""
+        if self._sealer is None:
+            return False
+        return payload[payload.rfind(b"\n") + 1:].startswith(self._own_mark)
+
+    def _receive(self, msg: Message, kinds: tuple[type[Model], ...]) -> tuple[str | None, Any] | None:
+        """Open, decode and bind one protocol message: ``(sender, message)``, or None (dropped and counted).
+
+        The sender is the one the seal names and proves; the message must name the same (``SENDER_FIELD``),
+        and be of a kind this topic carries. In an open farm nothing is verified: the message's own word is
+        taken (None for the kinds that name no sender)."""
+        now = self._last_rx = self._clock()
+        sender: str | None = None
+        body = msg.payload
+        if self._opener is not None:
+            try:
+                opened = self._opener.open(msg.topic, body)
+            except SealError as exc:
+                self._drop(exc.reason, None, f"on {msg.topic}: {exc}", counted=True)
+                return None
+            sender, body = opened.sender, opened.body
         try:
-            m = P.decode(msg.payload)
+            m = P.decode(body)
         except ProtocolError as exc:
-            log.debug("dropping malformed message on %s: %s", msg.topic, exc)
+            self._drop(Drop.MALFORMED, sender, f"on {msg.topic} from {sender}: {exc}")
             return None
-        if self.available:
-            sender = getattr(m, "node", None) or getattr(m, "voter", None) or getattr(m, "candidate", None) \
-                or getattr(m, "arbiter", None)
-            if isinstance(sender, str) and sender != self.node_id:
-                self._heard[sender] = self._last_rx
-        return m
+        if not isinstance(m, kinds):
+            self.refuse(m.kind, sender, f"not a message of {msg.topic}")
+            return None
+        claimed = P.claimed_sender(m)
+        if sender is None:
+            sender = claimed
+        elif P.needs_sender(m) and claimed != sender:
+            self.refuse(getattr(m, "kind", "?"), sender, f"it names {claimed} as its sender")
+            return None
+        if self.available and sender is not None and sender != self.node_id and self.state.is_member(sender):
+            self._heard[sender] = now
+        return sender, m
+
+    def _judge_arbiter(self, sender: str | None, kind: str, term: int) -> _From:
+        """Entries, heartbeats and snapshots come only from the arbiter of their term: a member (while we
+        know of none, anyone: a fresh node), and once we know that term's arbiter, nobody else."""
+        if sender is None:
+            return _From.ARBITER  # an open farm: nothing to check against
+        if self.state.has_members() and not self.state.is_member(sender):
+            if term <= self.term:
+                self.refuse(kind, sender, f"not a member (term {term})")
+                return _From.REFUSED
+            return _From.ASK  # enrolled, and arbiter, while we were away? Its state will tell
+        if term < self.term:
+            return _From.OLDER
+        known = self._term_arbiter
+        if known is not None and known[0] == term and known[1] != sender:
+            self.refuse(kind, sender, f"the arbiter of term {term} is {known[1]}")
+            return _From.REFUSED
+        if not P.term_reachable(self.term, term):
+            return _From.ASK
+        return _From.ARBITER
+
+    def _know_arbiter(self, term: int, node: str | None) -> None:
+        if node is not None and term == self.term:
+            self._term_arbiter = (term, node)
+
+    def _ask_state(self, sender: str, kind: str, term: int) -> None:
+        """A member's message of a term past our reach, or an unknown node's claim to be an arbiter: it changes
+        nothing, but we may be the one behind (away while the farm moved on, or while that node was enrolled).
+        Ask it for its state; its snapshot is taken if it answers for that term (docs/protocol.md, "Catching
+        up"). At most every SYNC_RETRY_S."""
+        self.refuse(kind, sender, f"term {term} is out of our reach (ours is {self.term}) or its sender is "
+                                  f"unknown to us: asking it for its state")
+        now = self._clock()
+        if now - self._last_catch_up < SYNC_RETRY_S:
+            return
+        self._last_catch_up = now
+        self._catch_up = (sender, term)
+        offer = list(self.records.values()) if self._must_offer(term) else []
+        self._publish(self.topics.to_arbiter(sender),
+                      P.SyncRequest(node=self.node_id, term=self.term, last=self.applied, offer=offer))
+
+    def _answers_ask(self, sender: str | None, m: P.Snapshot) -> bool:
+        """Whether snapshot ``m`` answers our request for the state of an arbiter past our reach: from that
+        node, for that term or a little past it, listing that node as an enrolled member (and us, if we are)."""
+        asked = self._catch_up
+        if asked is None or sender != asked[0] or m.term < asked[1] or not P.term_reachable(asked[1], m.term):
+            return False
+        keys = {o.key: o.value for o in m.objects}
+        theirs = keys.get(member_key(sender))
+        if theirs is None or theirs.get("retired_at") is not None:
+            return False
+        return not self.is_member or keys.get(member_key(self.node_id)) is not None
 
     def _accepts_farm(self, farm: str) -> bool:
         return self.farm is None or self.farm == farm
@@ -240,25 +386,34 @@ class Consensus:
 
     # --- incoming: the log (entries and heartbeats, in order) --------------------------------------------
     def _on_log(self, msg: Message) -> None:
-        m = self._decode(msg)
+        if self._is_own(msg.payload):
+            self._last_rx = self._clock()  # our own heartbeats say the link delivers (see _check_deaf)
+            return
+        got = self._receive(msg, P.ON_LOG)
+        if got is None:
+            return
+        sender, m = got
         if isinstance(m, P.Heartbeat):
-            self._on_heartbeat(m)
-        elif isinstance(m, P.Entry):
-            self._on_entry(m)
+            self._on_heartbeat(sender, m)
+        else:
+            self._on_entry(sender, m)
 
-    def _on_heartbeat(self, hb: P.Heartbeat) -> None:
-        if not self._accepts_farm(hb.farm):
+    def _on_heartbeat(self, sender: str | None, hb: P.Heartbeat) -> None:
+        if not self._accepts_farm(hb.farm) or hb.arbiter == self.node_id:
             return
-        if hb.term < self.term:
+        judged = self._judge_arbiter(sender, hb.kind, hb.term)
+        if judged == _From.OLDER:
             self._tell_stale_arbiter(hb.arbiter)
-            return
-        if hb.arbiter == self.node_id:
+        elif judged == _From.ASK:
+            self._ask_state(hb.arbiter, hb.kind, hb.term)
+        if judged != _From.ARBITER:
             return
         self._adopt_term(hb.term)
         if self.role == Role.CANDIDATE:
             self._step_down(f"{hb.arbiter} is arbiter of term {hb.term}")
         self.farm = self.farm or self._join_farm(hb.farm)
         self.arbiter = hb.arbiter
+        self._know_arbiter(hb.term, hb.arbiter)
         self.arbiter_serving = hb.serving
         self._last_heard = self._clock()
         self._reset_deadline()
@@ -305,18 +460,24 @@ class Consensus:
                          "committed)", self.node_id, len(self.records) - len(kept), settle[0])
                 self._store_records(kept)
 
-    def _on_entry(self, e: P.Entry) -> None:
-        if not self._accepts_farm(e.farm):
-            return
-        if e.term < self.term:
-            self._tell_stale_arbiter(e.arbiter)
+    def _on_entry(self, sender: str | None, e: P.Entry) -> None:
+        if not self._accepts_farm(e.farm) or e.arbiter == self.node_id:
             return
         if self.leader is not None and e.term == self.leader.term:
-            return  # our own
+            self.refuse(e.kind, sender, f"we are the arbiter of term {e.term}")
+            return
+        judged = self._judge_arbiter(sender, e.kind, e.term)
+        if judged == _From.OLDER:
+            self._tell_stale_arbiter(e.arbiter)
+        elif judged == _From.ASK and e.arbiter is not None:
+            self._ask_state(e.arbiter, e.kind, e.term)
+        if judged != _From.ARBITER:
+            return
         self._adopt_term(e.term)
         self.farm = self.farm or self._join_farm(e.farm)
         if e.arbiter is not None and e.term == self.term:
             self.arbiter = e.arbiter
+            self._know_arbiter(e.term, e.arbiter)
         self._last_heard = self._clock()
         self._reset_deadline()
         if e.snapshot:
@@ -393,38 +554,65 @@ class Consensus:
 
     # --- incoming: direct messages (snapshots, votes for us) ---------------------------------------------
     def _on_direct(self, msg: Message) -> None:
-        m = self._decode(msg)
+        got = self._receive(msg, P.TO_NODE)
+        if got is None:
+            return
+        sender, m = got
         if isinstance(m, P.Snapshot):
-            if not self._accepts_farm(m.farm) or m.term < self.term:
-                return
-            self._adopt_term(m.term)
-            self.farm = self.farm or self._join_farm(m.farm)
-            if (m.term, m.seq) > self.applied and not self._may_replace(m.term, m.merged):
-                self._request_sync()  # offers our records first
-                return
-            if (m.term, m.seq) > self.applied:
-                self._apply((m.term, m.seq), m.objects, snapshot=True, partial=m.partial)
-                self._drain()
-            if self.available and self.node_id in m.merged and self.records and not m.partial:
-                # The arbiter merged our records into this state, which it has proposed but may not have
-                # committed yet: we hold it now (and acknowledge it, so our weight counts towards that commit),
-                # and keep our records until we see it committed. Were they dropped here, an arbiter lost
-                # before that commit would take our side's changes with it.
-                # A partial state (some member does not follow that arbiter) settles nothing: the members it
-                # lacks have not seen our changes, and the next arbiter may be one of them. Our records stay,
-                # with their ancestors, until every member holds every entry (found by the LAN tests: records
-                # settled by one side's merge were never offered to the arbiter of the other side, which took a
-                # failed copy back to printing).
-                self._settle_at = (m.term, m.seq)
-                self._touched_since = set()
-            self._learn_commit(m.term, m.commit)
-            self._schedule_ack()
-            self._notify()
+            self._on_snapshot(sender, m)
         elif isinstance(m, P.VoteReply):
-            self._on_vote(m)
-        elif m is not None:
+            self._on_vote(sender, m)
+        elif sender is not None and sender != self.arbiter:
+            self.refuse(m.kind, sender, f"only the arbiter we follow ({self.arbiter}) sends it")
+        else:
             for handler in list(self.direct_handlers):
                 handler(m)
+
+    def _on_snapshot(self, sender: str | None, m: P.Snapshot) -> None:
+        """A snapshot from the arbiter of its term (see _judge_arbiter), or the answer to our asking for one."""
+        if not self._accepts_farm(m.farm) or sender == self.node_id:
+            return
+        if self._answers_ask(sender, m):
+            log.info("%s: catching up with %s, arbiter of term %d (ours was %d)", self.node_id, sender, m.term,
+                     self.term)
+            self._catch_up = None
+        else:
+            judged = self._judge_arbiter(sender, m.kind, m.term)
+            if judged == _From.ASK:
+                # Out of reach, or from a node we do not know, and not what we asked for: an honest arbiter
+                # sends a snapshot only to a node that asked it (a heartbeat or entry of its makes us ask).
+                self.refuse(m.kind, sender, f"a snapshot of term {m.term} we did not ask for")
+            if judged != _From.ARBITER:
+                return
+        if self.leader is not None and m.term == self.leader.term:
+            self.refuse(m.kind, sender, f"we are the arbiter of term {m.term}")
+            return
+        self._adopt_term(m.term)
+        if sender is not None and m.term == self.term:
+            self.arbiter = sender
+            self._know_arbiter(m.term, sender)
+        self.farm = self.farm or self._join_farm(m.farm)
+        if (m.term, m.seq) > self.applied and not self._may_replace(m.term, m.merged):
+            self._request_sync()  # offers our records first
+            return
+        if (m.term, m.seq) > self.applied:
+            self._apply((m.term, m.seq), m.objects, snapshot=True, partial=m.partial)
+            self._drain()
+        if self.available and self.node_id in m.merged and self.records and not m.partial:
+            # The arbiter merged our records into this state, which it has proposed but may not have
+            # committed yet: we hold it now (and acknowledge it, so our weight counts towards that commit),
+            # and keep our records until we see it committed. Were they dropped here, an arbiter lost
+            # before that commit would take our side's changes with it.
+            # A partial state (some member does not follow that arbiter) settles nothing: the members it
+            # lacks have not seen our changes, and the next arbiter may be one of them. Our records stay,
+            # with their ancestors, until every member holds every entry (found by the LAN tests: records
+            # settled by one side's merge were never offered to the arbiter of the other side, which took a
+            # failed copy back to printing).
+            self._settle_at = (m.term, m.seq)
+            self._touched_since = set()
+        self._learn_commit(m.term, m.commit)
+        self._schedule_ack()
+        self._notify()
 
     # --- election ----------------------------------------------------------------------------------------
     def _hears_arbiter(self) -> bool:
@@ -435,10 +623,22 @@ class Consensus:
         return self.arbiter is not None and recent
 
     def _on_election(self, msg: Message) -> None:
-        m = self._decode(msg)
-        if not isinstance(m, P.VoteRequest) or m.candidate == self.node_id:
+        if self._is_own(msg.payload):
+            self._last_rx = self._clock()  # our own pre-votes say the link delivers (see _check_deaf)
             return
-        if not self._accepts_farm(m.farm) or self.farm is None:
+        got = self._receive(msg, P.ON_ELECTION)
+        if got is None:
+            return
+        sender, m = got
+        if m.candidate == self.node_id or not self._accepts_farm(m.farm) or self.farm is None:
+            return
+        # Checked before anything (the term first) changes: only members stand, and never out of reach.
+        if not self.state.is_member(m.candidate):
+            self.refuse(m.kind, sender, "not a member: only members stand")
+            return
+        if not P.term_reachable(self.term, m.term, m.last[0]):
+            self.refuse(m.kind, sender, f"term {m.term} is out of reach (ours is {self.term}, its log's "
+                                        f"{m.last[0]})")
             return
         if m.pre:
             # Pre-vote (Raft §9.6): would we vote? Changes nothing here, so a node that was cut off and
@@ -458,7 +658,7 @@ class Consensus:
             if granted:
                 self.replica.record_vote(m.term, m.candidate)  # durable before it is sent
                 self._reset_deadline()
-        objects = self.state.newer_than(tuple(m.last)) if granted else []  # type: ignore[arg-type]
+        objects = self.state.newer_than(m.last) if granted else []
         base = self.base
         if granted and self.available and self.records and m.last[0] != self.applied[0]:
             # Our history and the candidate's split apart: stamps of the two do not compare. Our changes reach
@@ -519,8 +719,18 @@ class Consensus:
             farm=self.farm, term=term, candidate=self.node_id, last=self.applied))
         self._maybe_win()
 
-    def _on_vote(self, v: P.VoteReply) -> None:
-        if self.role != Role.CANDIDATE or v.candidate != self.node_id:
+    def _on_vote(self, sender: str | None, v: P.VoteReply) -> None:
+        # Checked before anything (the term first) changes: a vote counts only from a member, for us.
+        if not self.state.is_member(v.voter):
+            self.refuse(v.kind, sender, "not a member: only members vote")
+            return
+        if v.candidate != self.node_id:
+            self.refuse(v.kind, sender, f"a vote for {v.candidate} sent to {self.node_id}")
+            return
+        if v.term > self.term and not P.term_reachable(self.term, v.term):
+            self.refuse(v.kind, sender, f"term {v.term} is out of reach (ours is {self.term})")
+            return
+        if self.role != Role.CANDIDATE:
             if v.term > self.term and not v.pre:
                 self._adopt_term(v.term)
             return
@@ -602,6 +812,7 @@ class Consensus:
     def _become_arbiter(self, term: int, objects: list[StoredObject], degraded: bool = False) -> None:
         self.role = Role.ARBITER
         self.arbiter = self.node_id
+        self._term_arbiter = (term, self.node_id)
         self._degraded_set = None
         self.leader = Leadership(term=term, next_seq=1, degraded=degraded)
         log.info("%s: arbiter of term %d (%d objects)%s", self.node_id, term, len(objects),
@@ -704,24 +915,45 @@ class Consensus:
         leader = self.leader
         if leader is None:
             return
-        m = self._decode(msg)
-        if m is None:
+        got = self._receive(msg, P.TO_ARBITER)
+        if got is None:
             return
-        node = getattr(m, "node", None)
-        if node is not None:
+        _, m = got
+        node: str = m.node  # every kind sent to an arbiter names its sender (bound to the seal)
+        if not self.state.is_member(node):
+            # A node that is not (or no longer) a member may ask to be enrolled, and for the state it needs
+            # to get there; a retired one may still report the end of a print it had started (orphaned).
+            ever = self.state.member(node) is not None
+            if isinstance(m, P.Ack) and m.term <= leader.term:
+                return  # a node that follows us before its enrollment (or after its retirement): nothing to count
+            if not (isinstance(m, (P.Join, P.SyncRequest))
+                    or (ever and isinstance(m, (P.FinishReport, P.Release, P.StartRequest)))):
+                self.refuse(m.kind, node, "not a member")
+                return
+        else:
             leader.last_heard[node] = self._clock()
         if isinstance(m, P.Ack):
-            if m.term == leader.term and m.seq > leader.acked.get(m.node, 0):
-                leader.acked[m.node] = m.seq
-                self._advance_commit()
+            if m.term == leader.term:
+                if m.seq >= leader.next_seq:
+                    self.refuse(m.kind, node, f"acknowledges seq {m.seq} of term {m.term}, never sent")
+                elif m.seq > leader.acked.get(node, 0):
+                    leader.acked[node] = m.seq
+                    self._advance_commit()
             elif m.term > leader.term:
+                # A member past our term tells us we are stale (see _tell_stale_arbiter); never out of reach.
+                if not P.term_reachable(self.term, m.term):
+                    self.refuse(m.kind, node, f"term {m.term} is out of reach (ours is {self.term})")
+                    return
                 self._adopt_term(m.term)
             return
         if isinstance(m, P.SyncRequest):
             if self.available and m.offer:
+                if self.state.member(node) is None:
+                    self.refuse(m.kind, node, "an offer to merge from a node never enrolled")
+                    return
                 self._merge_offer(m)
                 return
-            self._send_snapshot(m.node)
+            self._send_snapshot(node)
             return
         for handler in list(self.to_arbiter_handlers):
             handler(m)

@@ -1,7 +1,9 @@
 """The node's durable replica of the farm state, in SQLite (sqlite-utils, WAL, ``synchronous=FULL``).
 
 An entry is applied atomically with the ``(term, seq)`` it brings us to, so a crash leaves the replica at a
-consistent prefix of the arbiter's log. Votes are written (and fsynced) before they are sent.
+consistent prefix of the arbiter's log. Votes are written (and fsynced) before they are sent. The replica also
+keeps what the protocol seals need across restarts: this node's boot number, and the highest boot seen of each
+peer (``shared.security``).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class Replica:
     # --- metadata ----------------------------------------------------------------------------------------
     def get_meta(self, name: str, default: Any = None) -> Any:
         try:
-            row = self.db["meta"].get(name)
+            row = self.db.table("meta").get(name)
         except NotFoundError:
             return default
         return json.loads(row["value"])
@@ -86,6 +88,24 @@ class Replica:
     def record_vote(self, term: int, candidate: str) -> None:
         """Persist the vote (and the term) before it is sent: at most one vote per term, even across crashes."""
         self.set_meta(term=term, vote=[term, candidate])
+
+    def next_boot(self, at_least: int = 1) -> int:
+        """This node's next boot number, stored (fsynced) before it is returned: above every earlier one, and
+        at least ``at_least``."""
+        boot = max(int(self.get_meta("boot", 0) or 0) + 1, at_least)
+        self.set_meta(boot=boot)
+        return boot
+
+    @property
+    def peer_boots(self) -> dict[str, int]:
+        """The highest boot number seen of each peer (meta ``peer_boots``); anything unreadable is left out."""
+        raw = self.get_meta("peer_boots", {})
+        if not isinstance(raw, dict):
+            return {}
+        return {k: v for k, v in raw.items() if isinstance(k, str) and type(v) is int and v > 0}
+
+    def set_peer_boots(self, boots: dict[str, int]) -> None:
+        self.set_meta(peer_boots=boots)
 
     @property
     def applied(self) -> Stamp:

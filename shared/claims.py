@@ -3,7 +3,9 @@
 Each function takes the farm state (and ``now``) and returns the object writes the arbiter should commit,
 plus events to report; none of them touches the network or the clock. The safety rule they keep: a copy is
 started (``printing``) only from ``claimed`` by the node that holds the grant, so once a grant is released
-its node can no longer get a start committed for it.
+its node can no longer get a start committed for it. A finish or release, too, is taken only from the node that
+holds the copy under the grant it names; that the node named is the node that sent it is the protocol seal's
+part (``node/consensus.py``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _event(kind: str, job: Job, copy: JobCopy, **extra: Any) -> dict[str, Any]:
 def _held(state: FarmState, node: str, namespace: str, job_id: str, index: int, grant: Stamp,
           allowed: set[CopyState]) -> tuple[Job, JobCopy]:
     job = state.job(job_key(namespace, job_id))
-    if job is None or index >= len(job.copies):
+    if job is None or not 0 <= index < len(job.copies):  # a negative index would name another copy
         raise RequestError(f"no copy {index} of job {job_id!r} in {namespace!r}")
     copy = job.copies[index]
     if copy.node != node or copy.grant != grant or copy.state not in allowed:

@@ -11,8 +11,14 @@ from collections.abc import Iterable
 
 from shared import claims
 from shared.errors import RequestError
-from shared.models import member_key
-from shared.state import FarmState, has_quorum, quorum_weight
+from shared.models import Member, member_key
+from shared.state import MEMBER_WEIGHT, FarmState, has_quorum, quorum_weight
+
+
+def enrollment(node: str, *, witness: bool, now: float) -> Member:
+    """The record the arbiter enrolls ``node`` with. The weight is the farm's rule (every member, witness or
+    printer, weighs MEMBER_WEIGHT), never the asking node's word: a join carries no weight."""
+    return Member(node_id=node, weight=MEMBER_WEIGHT, witness=witness, enrolled_at=now)
 
 
 def refuse_enrollment(state: FarmState, node: str) -> str | None:

@@ -173,6 +173,9 @@ class NodeState(BaseModel):
     witness: bool = False
     files_url: str | None = None
     ts: float = 0.0
+    # Protocol messages this node dropped, by reason (unsigned, forged, replayed, stale, malformed, refused):
+    # docs/security.md, "Signed protocol".
+    dropped: dict[str, int] | None = None
 
 
 class StoredObject(Model):

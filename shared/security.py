@@ -240,6 +240,10 @@ class Opener:
             raise SealError(Drop.MALFORMED, "seal fields unreadable") from exc
         if not _NODE_ID.match(sender) or not (0 < boot <= MAX_COUNTER and 0 < counter <= MAX_COUNTER):
             raise SealError(Drop.MALFORMED, "seal fields out of range")
+        # One written form per seal: base64 decoding ignores stray characters and the unused bits of the last
+        # one, and int() takes "+1" and "01", so a trailer could otherwise be altered and still verify.
+        if parts[4] != _b64(mac).encode() or parts[2] != b"%d" % boot or parts[3] != b"%d" % counter:
+            raise SealError(Drop.MALFORMED, "seal not in its canonical form")
         nkey = self._keys.get(sender)
         if nkey is None:
             nkey = node_key(self.key, sender)

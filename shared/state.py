@@ -14,11 +14,24 @@ from shared.models import (
     QueueSettings,
     Stamp,
     StoredObject,
+    member_key,
 )
+
+MEMBER_WEIGHT = 1
+"""Every member's vote weight (printer or witness): the arbiter enrolls with it (shared.membership)."""
 
 
 def _queue_order(job: Job) -> tuple[str, float, float, str]:
     return (job.namespace, job.rank, job.created, job.id)
+
+
+def _clamped(member: Member) -> Member:
+    """A member record as it counts. No honest arbiter ever enrolled a weight above MEMBER_WEIGHT; one that a
+    forged ``join`` got committed before joins stopped carrying a weight (one such join with weight 10 stopped
+    a farm for good) counts as MEMBER_WEIGHT, so a replica that stored it is not stuck."""
+    if member.weight > MEMBER_WEIGHT:
+        return member.model_copy(update={"weight": MEMBER_WEIGHT})
+    return member
 
 
 class FarmState:
@@ -60,7 +73,7 @@ class FarmState:
                 if obj.value is None:
                     self._members.pop(obj.key, None)
                 else:
-                    self._members[obj.key] = Member.model_validate(obj.value, strict=False)
+                    self._members[obj.key] = _clamped(Member.model_validate(obj.value, strict=False))
 
     def _unindex(self, key: str) -> None:
         old = self._jobs.get(key)
@@ -112,6 +125,19 @@ class FarmState:
 
     def namespaces(self) -> list[str]:
         return sorted({j.namespace for j in self._jobs.values()})
+
+    def member(self, node: str) -> Member | None:
+        """``node``'s member record, retired or not (None: never enrolled)."""
+        return self._members.get(member_key(node))
+
+    def is_member(self, node: str | None) -> bool:
+        """Whether ``node`` is an enrolled member now (retired ones are not)."""
+        m = self._members.get(member_key(node)) if node is not None else None
+        return m is not None and m.retired_at is None
+
+    def has_members(self) -> bool:
+        """Whether this state knows any member (an empty replica, a node never enrolled anywhere: no)."""
+        return bool(self._members)
 
     def members(self) -> dict[str, Member]:
         """The enrolled members: the ones whose weight counts towards quorums (retired ones excluded)."""

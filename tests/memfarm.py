@@ -1,5 +1,6 @@
 """A farm of nodes in one process over the in-memory broker: consensus, arbiter services, worker and a
-simulated printer per node, with the real codec. For unit tests of the protocol and claim rules."""
+simulated printer per node, with the real codec and real seals (every farm has a farm key unless told
+``key=None``, which makes it an open farm). For unit tests of the protocol and claim rules."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ from node.printers.simulated import SimulatedPrinter
 from node.replica import Replica
 from node.scheduling import Scheduling
 from node.worker import Worker
+from shared import protocol as P
+from shared import security
+from shared.errors import ProtocolError
+from shared.models import Model
 from shared.settings import Settings, TimingSettings
 from shared.topics import Topics
 from tests.waiting import until as _until
@@ -47,6 +52,7 @@ class MemNode:
             witness=witness,
             timing=farm.timing,
             printer={"driver": "none" if witness else "simulated", "self_clearing": True},
+            farm={"key": farm.key} if farm.key is not None else {"open": True},
         )
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.topics = Topics()
@@ -113,8 +119,10 @@ class MemNode:
 
 class MemFarm:
     def __init__(self, root: Path, n: int, *, time_scale: float = 100.0, witnesses: int = 0,
-                 timing: TimingSettings = FAST) -> None:
+                 timing: TimingSettings = FAST, key: str | None = "new") -> None:
         self.root = root
+        # The farm key every node holds ("new": a fresh one; None: an open farm, unsealed).
+        self.key = security.new_farm_key() if key == "new" else key
         self.timing = timing
         self.broker = MemoryBroker()
         self.time_scale = time_scale
@@ -187,3 +195,62 @@ class MemFarm:
 
     def starts(self) -> list[str]:
         return [r.name for n in self.nodes if n.printer for r in n.printer.starts]
+
+
+class Rogue:
+    """A client of a MemFarm's broker that sends what it likes on ``_proto/`` topics, through the real codec:
+    unsigned (no key), sealed with the farm key as a node id of its choice (a key holder that is not a member;
+    never a running member's id: its boot and counters would collide with the real node's), sealed by a running
+    member's own sealer (that member sending what no honest member sends), or bytes it heard (a replay)."""
+
+    def __init__(self, farm: MemFarm, client_id: str = "rogue") -> None:
+        self.farm = farm
+        self.topics = Topics()
+        self.link = MemoryLink(farm.broker, LinkOptions(client_id=client_id))
+        self.heard: list[Message] = []
+        self._sealers: dict[str, security.Sealer] = {}
+
+    async def start(self) -> None:
+        self.link.subscribe(f"{self.topics.proto}/#", self.heard.append)
+        await self.link.start()
+        await self.link.wait_connected(5.0)
+
+    async def stop(self) -> None:
+        await self.link.stop()
+
+    def payload(self, topic: str, msg: Model | bytes, *, as_node: str | None = None,
+                by: MemNode | None = None) -> bytes:
+        """``msg`` (a message, or a body as it is) sealed as ``as_node`` or by ``by``'s sealer, or unsigned."""
+        body = msg if isinstance(msg, bytes) else P.encode(msg)
+        if by is not None:
+            sealer = by.consensus._sealer
+            assert sealer is not None, "an open farm has no seals"
+            return sealer.seal(topic, body)
+        if as_node is None:
+            return body
+        assert self.farm.key is not None and not any(n.node_id == as_node and n.started for n in self.farm.nodes)
+        sealer = self._sealers.get(as_node)
+        if sealer is None:
+            sealer = self._sealers[as_node] = security.Sealer(security.parse_key(self.farm.key), as_node, boot=1)
+        return sealer.seal(topic, body)
+
+    def send(self, topic: str, msg: Model | bytes, *, as_node: str | None = None, by: MemNode | None = None,
+             qos: int = 1) -> None:
+        """Publish ``msg`` on ``topic`` (see :meth:`payload`; bytes and no sealer: exactly those bytes)."""
+        payload = self.payload(topic, msg, as_node=as_node, by=by)
+        self.link.publish(topic, payload, qos=qos)
+
+    def heard_kind(self, topic: str, kind: type[Model]) -> list[Message]:
+        """The messages of ``kind`` heard on ``topic`` (sealed ones decoded from their body)."""
+        out = []
+        for m in self.heard:
+            if m.topic != topic:
+                continue
+            body = m.payload.rpartition(b"\n")[0] or m.payload
+            try:
+                decoded = P.decode(body)
+            except ProtocolError:
+                decoded = None  # whatever it is, it is not one
+            if isinstance(decoded, kind):
+                out.append(m)
+        return out

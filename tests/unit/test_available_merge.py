@@ -16,8 +16,10 @@ from node.link.memory import MemoryBroker, MemoryLink
 from node.replica import Replica
 from shared import merge as M
 from shared import protocol as P
+from shared import security
 from shared.models import CopyState, Member, StoredObject
 from shared.settings import Settings
+from shared.topics import Topics
 
 SHA = "a" * 64
 
@@ -212,8 +214,11 @@ def test_merging_is_symmetric_in_outcome_state_and_never_hides_a_double_start(a:
 
 
 # --- records and merges, in the node ------------------------------------------------------------------------
+KEY = security.new_farm_key()
+
+
 def _follower(tmp_path: Path) -> Consensus:
-    settings = Settings(node_id="n1", data_dir=str(tmp_path), farm={"safety": "available"})
+    settings = Settings(node_id="n1", data_dir=str(tmp_path), farm={"safety": "available", "key": KEY})
     c = Consensus(settings, MemoryLink(MemoryBroker(), LinkOptions(client_id="n1")), Replica(tmp_path / "r.db"),
                   clock=lambda: 100.0)
     c.farm = "f1"
@@ -225,10 +230,13 @@ def _follower(tmp_path: Path) -> Consensus:
 
 
 def _merged_snapshot(c: Consensus, *, partial: bool, seq: int, commit: int) -> Message:
+    """The snapshot the arbiter of term 7 (n2) sends n1, sealed by n2 as it would be on the wire."""
     objects = list(c.state.objects.values())
     snap = P.Snapshot(farm="f1", term=7, seq=seq, commit=commit, objects=objects, partial=partial,
                       merged=["n1"])
-    return Message(topic="netq/p/node/n1", payload=P.encode(snap))
+    topic = Topics().to_node("n1")
+    sealer = security.Sealer(security.parse_key(KEY), "n2", boot=1)
+    return Message(topic=topic, payload=sealer.seal(topic, P.encode(snap)))
 
 
 @pytest.mark.parametrize("partial", [False, True])
