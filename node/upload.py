@@ -1,8 +1,13 @@
-"""Upload a G-code file to a node's file store over HTTP, with a progress bar."""
+"""Upload a G-code file to a node's file store over HTTP, with a progress bar.
+
+With a farm key the upload carries the operator's file token (``shared.security.file_token``); the node
+refuses it without one (401), and refuses files over its upload limit (413) or past its store's quota (507).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -31,14 +36,32 @@ async def upload_file(files_url: str, path: Path, *, show_progress: bool = True,
 
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
-            async with aiohttp.ClientSession() as session:
-                async with session.post(f"{files_url}/files", data=body(), headers=headers) as resp:
-                    if resp.status >= 300:
-                        raise FileStoreError(f"upload of {path.name} refused: {resp.status} {await resp.text()}")
-                    answer = await resp.json()
+            async with aiohttp.ClientSession() as session, \
+                    session.post(f"{files_url}/files", data=body(), headers=headers) as resp:
+                if resp.status >= 300:
+                    raise FileStoreError(f"upload of {path.name} refused: {resp.status} "
+                                         f"{await _reason(resp)}{_hint(resp.status, token)}")
+                answer = await resp.json()
         except aiohttp.ClientError as exc:
             raise FileStoreError(f"upload of {path.name} to {files_url} failed: {exc}") from exc
     sha = str(answer.get("sha256", ""))
     if sha != digest.hexdigest():
         raise FileStoreError(f"upload of {path.name}: the node stored {sha[:12]}, we sent {digest.hexdigest()[:12]}")
     return sha
+
+
+async def _reason(resp: aiohttp.ClientResponse) -> str:
+    """The server's ``{"error": …}``, else the start of its body."""
+    text = await resp.text(errors="replace")
+    try:
+        return str(json.loads(text)["error"])
+    except (ValueError, KeyError, TypeError):
+        return text[:200]
+
+
+def _hint(status: int, token: str | None) -> str:
+    if status == 401 and token is None:
+        return " (the farm has a key: give --config of a node of the farm, or set NETQ_FARM__KEY)"
+    if status == 401:
+        return " (this farm key is not the farm's: check [farm] key)"
+    return ""

@@ -28,13 +28,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from node.files.collect import StoreEntry, unreferenced
 from shared.errors import FileStoreError
 
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 BATCH = 1 * MiB  # bytes handed to the worker threads at a time (measured: 1 MiB beats 4 and 16)
-DEFAULT_GRACE_S = 3600.0
+DEFAULT_GRACE_S = 24 * 3600.0  # FilesSettings.collect_grace_s
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 ByteSource = bytes | AsyncIterable[bytes] | Iterable[bytes]
@@ -388,40 +389,59 @@ class FileStore:
             self.part_path(sha).unlink()
         return removed
 
+    def entries(self) -> list[StoreEntry]:
+        """Every complete file and partial download, with its age and size (blocking: a directory walk)."""
+        out: list[StoreEntry] = []
+        try:
+            for sha in self.shas():
+                with contextlib.suppress(FileNotFoundError):  # removed concurrently
+                    st = self._final(sha).stat()
+                    out.append(StoreEntry(sha, st.st_mtime, st.st_size))
+            for p in self._partial.iterdir():
+                sha = p.name.removesuffix(".part")
+                if p.name.endswith(".part") and _SHA_RE.match(sha):
+                    with contextlib.suppress(FileNotFoundError):
+                        st = p.stat()
+                        out.append(StoreEntry(sha, st.st_mtime, st.st_size, partial=True))
+        except OSError as exc:
+            raise FileStoreError(f"cannot list the file store at {self.root}: {exc}") from exc
+        return out
+
+    def usage(self) -> int:
+        """Bytes the store holds: complete files and partial downloads (blocking). Uploads being written are
+        not counted: the file server counts those itself."""
+        return sum(e.size for e in self.entries())
+
     def gc(
         self, referenced: set[str], *, now: float | None = None, grace_s: float = DEFAULT_GRACE_S
     ) -> list[str]:
-        """Remove files and partial downloads nobody references, and stale temporary files.
+        """Remove files and partial downloads no job references (:func:`node.files.collect.unreferenced`),
+        and temporary files left by interrupted uploads. Blocking.
 
-        Anything modified less than ``grace_s`` ago is kept, so a file being added (uploaded, but its
-        job not yet committed) is not collected. Returns the shas removed.
+        Anything modified less than ``grace_s`` ago is kept, so a file being added (uploaded, but its job
+        not yet committed) is not collected; so is a file being fetched right now. Returns the shas removed.
         """
         now = time.time() if now is None else now
-        cutoff = now - grace_s
+        entries = self.entries()
         removed: list[str] = []
-
-        def expired(path: Path) -> bool:
-            try:
-                return path.stat().st_mtime <= cutoff
-            except FileNotFoundError:  # removed concurrently
-                return False
-
+        freed = 0
+        for sha in unreferenced(entries, referenced, now, grace_s):
+            lock = self._locks.get(sha)
+            if lock is not None and lock.locked():  # being fetched: its part is in use
+                continue
+            self.remove(sha)
+            removed.append(sha)
+            freed += sum(e.size for e in entries if e.sha == sha)
+        cutoff = now - grace_s
         try:
-            candidates = [self._final(sha) for sha in self.shas() if sha not in referenced]
-            candidates += [
-                p for p in self._partial.iterdir() if p.name.removesuffix(".part") not in referenced
-            ]
-            candidates += list(self._tmp.iterdir())
-            for path in candidates:
-                if expired(path):
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
-                        if _SHA_RE.match(path.name):
-                            removed.append(path.name)
+            for p in list(self._tmp.iterdir()):
+                with contextlib.suppress(FileNotFoundError):
+                    if p.stat().st_mtime <= cutoff:
+                        p.unlink()
         except OSError as exc:
-            raise FileStoreError(f"garbage collection failed: {exc}") from exc
+            raise FileStoreError(f"cannot clean {self._tmp}: {exc}") from exc
         if removed:
-            log.info("collected %d unreferenced file(s)", len(removed))
+            log.info("collected %d file(s) no job references (%.1f MiB)", len(removed), freed / MiB)
         return removed
 
 
