@@ -6,10 +6,10 @@ including the Griffin ``;EXTRUDER_TRAIN.0.NOZZLE.DIAMETER:`` form) and tracks G0
 extents are known even when the header has none. Multi-tool values are lists separated by ``;``
 (filament types and colours) or ``,`` (nozzle diameters, filament used).
 
-:func:`check_policy` finds commands a farm refuses to queue: blocked commands (``M500`` saves settings,
-``M502`` resets them, ``M997`` flashes firmware) and temperatures above the caps.
+The G-code policy (what a farm refuses to queue) lives in :mod:`shared.gcode_policy`; its names are
+re-exported here for the callers that read both.
 
-Both take an iterable of lines and keep only bounded state, so a file of any size streams through;
+The parser takes an iterable of lines and keeps only bounded state, so a file of any size streams through;
 :func:`iter_lines` turns byte chunks into lines with a bounded line length.
 """
 
@@ -21,6 +21,13 @@ from collections.abc import Iterable, Iterator
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from shared.gcode_policy import GcodePolicy, Violation, check_policy
+
+__all__ = [
+    "Extents", "GcodeMeta", "GcodeMetaParser", "GcodePolicy", "ToolMaterial", "Violation", "check_policy",
+    "iter_lines", "parse_duration", "parse_gcode_meta",
+]
 
 MAX_LINE = 4096  # longer lines are cut: real G-code lines are short, thumbnails are base64 comment lines
 _MAX_TOOLS = 16
@@ -405,70 +412,3 @@ def iter_lines(chunks: Iterable[bytes], max_line: int = MAX_LINE) -> Iterator[st
             start = nl + 1
     if buf and not skipping:
         yield buf.decode("utf-8", "replace")
-
-
-# ---- policy -----------------------------------------------------------------------------------
-
-
-class GcodePolicy(BaseModel):
-    """What uploaded G-code may not do."""
-
-    model_config = ConfigDict(strict=True, frozen=True)
-
-    blocked_commands: frozenset[str] = Field(default=frozenset({"M500", "M502", "M997"}), strict=False)
-    max_hotend_c: float = Field(default=300.0, gt=0)
-    max_bed_c: float = Field(default=120.0, gt=0)
-    max_violations: int = Field(default=100, gt=0)  # stop collecting after this many
-
-
-class Violation(BaseModel):
-    model_config = ConfigDict(strict=True, frozen=True)
-
-    line: int  # 1-based
-    command: str
-    reason: str
-    text: str = Field(max_length=200)
-
-
-_HOTEND = frozenset({"M104", "M109"})
-_BED = frozenset({"M140", "M190"})
-
-
-def _normalise(letter: str, number: str) -> str:
-    # "m0104" and "M104.0" are M104; fractional codes (G29.1) keep their fraction
-    value = float(number)
-    return f"{letter.upper()}{int(value)}" if value.is_integer() else f"{letter.upper()}{number}"
-
-
-def check_policy(lines: Iterable[str], policy: GcodePolicy | None = None) -> list[Violation]:
-    """Return the lines that break ``policy`` (at most ``policy.max_violations``)."""
-    policy = policy or GcodePolicy()
-    blocked = {_normalise(c[0], c[1:]) for c in policy.blocked_commands if len(c) > 1}
-    out: list[Violation] = []
-    for n, raw in enumerate(lines, start=1):
-        line = raw[:MAX_LINE]
-        code = line.partition(";")[0]
-        code = code.partition("*")[0]  # checksum
-        words = _WORD.findall(code)
-        if not words:
-            continue
-        if words[0][0].upper() == "N" and len(words) > 1:
-            words = words[1:]
-        letter, number = words[0]
-        if letter.upper() not in "GMT":
-            continue
-        command = _normalise(letter, number)
-        reason = None
-        if command in blocked:
-            reason = f"{command} is blocked"
-        elif command in _HOTEND or command in _BED:
-            cap = policy.max_hotend_c if command in _HOTEND else policy.max_bed_c
-            for axis, value in words[1:]:
-                if axis.upper() in ("S", "R") and float(value) > cap:
-                    reason = f"{command} {axis.upper()}{value} is above the {cap:g} °C cap"
-                    break
-        if reason is not None:
-            out.append(Violation(line=n, command=command, reason=reason, text=line.strip()[:200]))
-            if len(out) >= policy.max_violations:
-                break
-    return out

@@ -34,6 +34,7 @@ from typing import Annotated, Any, BinaryIO
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from shared.errors import ArchiveError
+from shared.gcode_policy import GcodePolicy, summary
 
 MANIFEST_NAME = "manifest.json"
 GJOB_VERSION = "netqueues-1"  # written to "version"; Continuous Print writes PeerPrint's version there
@@ -218,12 +219,15 @@ class GjobFile:
 
 
 def read_gjob(
-    source: bytes | Path | str, *, limits: GjobLimits = DEFAULT_LIMITS, verify: bool = True
+    source: bytes | Path | str, *, limits: GjobLimits = DEFAULT_LIMITS, verify: bool = True,
+    policy: GcodePolicy | None = None,
 ) -> tuple[Manifest, dict[str, GjobFile]]:
     """Check a ``.gjob`` and return its manifest and a streamable file per set path.
 
     With ``verify`` (the default) every referenced entry is inflated once, discarding the output, so
-    a lying header or a bomb is refused here rather than halfway into the store.
+    a lying header or a bomb is refused here rather than halfway into the store. With ``policy`` every
+    referenced entry is inflated and checked against the G-code policy too (ArchiveError naming the entry,
+    the line and the rule).
     """
     src: bytes | Path = source if isinstance(source, bytes) else Path(source)
     with _open_zip(src, limits) as zf:
@@ -241,9 +245,13 @@ def read_gjob(
             if info is None or info.is_dir():
                 raise ArchiveError(f"manifest names {s.path!r}, which is not a file in the archive")
             if s.path not in files:
-                if verify:
-                    for _ in _stream_entry(zf, info, limits, MiB):
-                        pass
+                if verify or policy is not None:
+                    scanner = None if policy is None else policy.scanner()
+                    for chunk in _stream_entry(zf, info, limits, MiB):
+                        if scanner is not None:
+                            scanner.feed_bytes(chunk)
+                    if scanner is not None and (violations := scanner.result().violations()):
+                        raise ArchiveError(f"{s.path}: breaks the G-code policy: {summary(violations)}")
                 files[s.path] = GjobFile(s.path, info.file_size, info.compress_size, info.CRC, src, limits)
     return manifest, files
 
