@@ -3,19 +3,27 @@
 A set may give ``url`` (http or https only) instead of ``sha256`` + ``holders``; with ``sha256`` as well, the
 download must hash to it. The downloaded file passes the G-code policy check, then the set is rewritten to
 name its hash and the arbiter as its holder (other nodes fetch it from there, as from any holder), and the
-request goes on as a plain ``job/add``. Downloads are size-bounded; every failure is a RequestError that
-names the set, so the client gets a readable error response and nothing is queued.
+request goes on as a plain ``job/add``. Every failure is a RequestError that names the set, so the client gets
+a readable error response and nothing is queued.
+
+Downloads follow :mod:`node.files.url_guard`: no loopback, link-local or farm node, private ranges only by
+``[files] url_allow``, checked on every address connected to and every redirect hop; a total time, a rate
+floor and a size bound. Bytes that break a rule (an address, the size, the time, the hash, the G-code policy)
+are deleted, never served.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from node.files.store import FileStore, MiB
+from node.files.url_guard import DEFAULT_LIMITS, UrlLimits, UrlPolicy
 from shared.errors import FileStoreError, RequestError
+from shared.settings import GcodeSettings
 
 MAX_URL_BYTES = 1024 * MiB
 MAX_URL_CHARS = 2000
@@ -33,10 +41,15 @@ def _file_name(url: str, sha: str) -> str:
 
 
 async def resolve(body: dict[str, Any], store: FileStore | None, holder: str, *,
-                  max_bytes: int = MAX_URL_BYTES) -> dict[str, Any]:
-    """``body`` with every URL set downloaded into ``store`` and rewritten to ``sha256`` + ``holders``."""
+                  policy: UrlPolicy | None = None, limits: UrlLimits = DEFAULT_LIMITS,
+                  max_bytes: int = MAX_URL_BYTES, gcode: GcodeSettings | None = None) -> dict[str, Any]:
+    """``body`` with every URL set downloaded into ``store`` and rewritten to ``sha256`` + ``holders``.
+
+    ``policy``: where downloads may come from (the arbiter's: :meth:`UrlPolicy.for_farm`); None refuses
+    everything but public addresses. ``gcode``: the farm's G-code policy (the arbiter's ``[gcode]``; None: the
+    default policy), under the caps of each set's profiles."""
     from node.files.analysis import analyse
-    from node.files.fetch import fetch_url
+    from node.files.fetch import download_url
 
     if store is None:
         raise RequestError("this arbiter cannot download files: give sha256 and holders instead of url")
@@ -56,13 +69,28 @@ async def resolve(body: dict[str, Any], store: FileStore | None, holder: str, *,
         if expected is not None and (not isinstance(expected, str) or not _SHA.match(expected)):
             raise RequestError(f"sets.{i}.sha256: give 64 lowercase hex digits")
         try:
-            sha = await fetch_url(url, store, expected, max_bytes=max_bytes)
-            analysis = await analyse(store, sha)
+            got = await download_url(url, store, expected, policy=policy, limits=limits, max_bytes=max_bytes)
         except FileStoreError as exc:
             raise RequestError(f"sets.{i}: {exc}") from exc
-        if analysis.violations:
-            shown = "; ".join(f"line {v.line}: {v.command} ({v.reason})" for v in analysis.violations[:3])
-            raise RequestError(f"sets.{i}: {url[:200]} breaks the G-code policy: {shown}")
+        sha = got.sha
+        refused = True  # until the checks below pass: a fresh file that fails one is deleted
+        try:
+            try:
+                named = s.get("profiles")
+                named = named if isinstance(named, list) else []  # the request is validated after this
+                gcode_policy = None if gcode is None else gcode.policy(gcode.set_caps(
+                    [p for p in named if isinstance(p, str)]))
+                analysis = await analyse(store, sha, gcode_policy)
+            except FileStoreError as exc:
+                raise RequestError(f"sets.{i}: {exc}") from exc
+            if analysis.violations:
+                shown = "; ".join(v.message for v in analysis.violations[:3])
+                raise RequestError(f"sets.{i}: {url[:200]} breaks the G-code policy: {shown}")
+            refused = False
+        finally:
+            if refused and got.fresh:
+                with contextlib.suppress(FileStoreError):  # the error above is the one to answer
+                    store.remove(sha)
         s["sha256"] = sha
         s["holders"] = [holder]
         s.setdefault("file", _file_name(url, sha))

@@ -6,7 +6,7 @@ rebuild thousands of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 from shared import scheduling as S
@@ -106,14 +106,20 @@ class Scheduling:
             self._farm = S.FarmView(printers)
         return self._farm
 
-    def chooser(self, farm: Callable[[], S.FarmView | None] = lambda: None) -> Chooser:
+    def chooser(self, farm: Callable[[], S.FarmView | None] = lambda: None,
+                exclude: Callable[[str], Collection[tuple[str, str, int]]] | None = None) -> Chooser:
         """The arbiter's choice. ``farm`` gives the printers that could take work now: with it the policy keeps
         scarce printers for the work only they can print, leaves shared work to self-clearing printers and pulls
-        long copies forward near the end of the queue (docs/scheduling.md); without it those terms are off."""
+        long copies forward near the end of the queue (docs/scheduling.md); without it those terms are off.
+        ``exclude(node)``: copies (namespace, job, copy) not to give that node now (node.grant_backoff)."""
         def choose(state: FarmState, node: str, caps: Capabilities, namespaces: Sequence[str],
                    now: float) -> Pick | None:
             printer = printer_view(node, caps, list(namespaces) or state.namespaces(), self.operators(now))
-            choice = S.choose(printer, self.candidates(state), now, self.params, farm())
+            candidates = self.candidates(state)
+            kept = exclude(node) if exclude is not None else ()
+            if kept:
+                candidates = [c for c in candidates if (c.namespace, c.job_id, c.copy) not in kept]
+            choice = S.choose(printer, candidates, now, self.params, farm())
             if choice is None:
                 return None
             return Pick(choice.copy.namespace, choice.job_id, choice.copy_index)

@@ -14,7 +14,9 @@ The rest of the cycle, on a real printer:
   cleared before anything else (``bed_dirty`` in the replica's metadata).
 * **Failure policy**: a print that fails, is cancelled on the printer, is lost while the printer is gone, or
   cannot be started ends the copy with ``requeue`` and the reason; the arbiter puts it back in the queue until
-  it has been started ``farm.max_attempts`` times, then marks it failed with that reason.
+  it has been started ``farm.max_attempts`` times, then marks it failed with that reason. A copy whose files
+  cannot be fetched (tried :data:`FETCH_TRIES` times) is given back with the reason, and the arbiter keeps it
+  from this node for a while (node/grant_backoff.py); one already started ends with ``requeue``.
 * **awaiting_material**: the scheduler may give a copy whose materials are not loaded (an operator swaps them).
   The worker gets the start committed first (so no lease takes the copy during a swap of many minutes, and no
   other printer gets it), then, before each set whose per-tool materials the loaded ones do not satisfy, waits
@@ -37,19 +39,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from node.consensus import Consensus
+from node.files.analysis import refusal_before_print
 from node.link.base import Link
 from node.printers.base import PrinterDriver, PrinterState
 from node.tasks import cancel_and_wait
 from shared import claims
 from shared import protocol as P
 from shared.errors import FileStoreError, NetqError, PrinterError
-from shared.models import Capabilities, CopyState, Job, JobCopy, Material, Stamp, WorkerState, job_key
+from shared.models import Capabilities, CopyState, Job, JobCopy, Material, Model, Stamp, WorkerState, job_key
 from shared.scheduling.model import Material as MatchMaterial
 from shared.scheduling.model import satisfies
 from shared.settings import Settings
@@ -58,6 +62,7 @@ from shared.topics import Topics
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1
+FETCH_TRIES = 3  # tries to fetch a copy's files before it goes back to the queue
 ENDED_KEPT = 256  # copies whose end this node reported, remembered (replica meta ``ended``) newest last
 ProgressCallback = Callable[[int, int | None], None]  # bytes so far, total bytes (None: unknown)
 EnsureFile = Callable[[str, list[str], ProgressCallback], Awaitable[Path]]
@@ -153,6 +158,8 @@ class Worker:
         self._backoff: float | None = None  # current reconnect delay while the printer is offline
         self._next_connect = 0.0
         self._released: Stamp | None = None  # grant released because the printer is offline
+        self._gave_back: Stamp | None = None  # grant given back because its files could not be fetched
+        self._fetch_warned: OrderedDict[tuple[str, int], None] = OrderedDict()  # copies whose failure was said
         self._bed_dirty = bool(consensus.replica.get_meta("bed_dirty", False))
         # The ends this node reported, by (job key, copy, grant): never printed again (see _report_again).
         self._ended_list: list[dict[str, Any]] = list(consensus.replica.get_meta("ended", []) or [])
@@ -262,6 +269,9 @@ class Worker:
             if ended is not None:
                 await self._report_again(held, copy, ended)
                 return
+            if copy.state == CopyState.CLAIMED and copy.grant == self._gave_back:
+                await self._wait(self.settings.timing.work_retry_s)  # given back: until its release commits
+                return
             if copy.state == CopyState.CLAIMED:
                 # No need to wait for the grant's commit: the start we ask for is a later entry of the same
                 # log, so its commit implies the grant's. The printer waits for *that* commit.
@@ -342,7 +352,7 @@ class Worker:
                                          namespaces=list(self.settings.worker.namespaces), start_now=True))
         await self._wait(self.settings.timing.work_retry_s)
 
-    def _send(self, msg: P.Model) -> None:
+    def _send(self, msg: Model) -> None:
         self.c.send_to_arbiter(msg)
 
     # --- one whole copy ----------------------------------------------------------------------------------
@@ -350,21 +360,73 @@ class Worker:
         """A committed grant: fetch the files, get the start committed, then print every set."""
         self.current = held
         self._set(WorkerState.FETCHING)
-        paths: list[Path] = []
-        try:
-            for s in job.sets:
-                paths.append(await self.ensure_file(s.sha256, list(s.holders), self._fetch_progress))
-        except FileStoreError as exc:
-            self._send(P.Release(node=self.node_id, namespace=held.namespace, job=held.job,
-                                 copy_index=held.copy_index, grant=held.grant, reason=f"file unavailable: {exc}"))
+        paths = await self._fetch_files(held, job)
+        if paths is None:
             self.current = None
-            self._set(WorkerState.ERROR, f"could not fetch files: {exc}")
-            await self._wait(self.settings.timing.work_retry_s)
             return
         if not await self._start_committed(held):
             self.current = None
             return
         await self._print_all(held, job, paths, start_set=0, start_run=0)
+
+    async def _fetch_files(self, held: Held, job: Job) -> list[Path] | None:
+        """The local paths of the copy's files, fetched from their holders if need be.
+
+        A file that cannot be fetched is tried :data:`FETCH_TRIES` times, with a pause doubling from
+        ``timing.work_retry_s`` (each at most a quarter of the lease, so that the grant does not expire
+        meanwhile); then the copy goes back to the queue with the reason: a granted copy is given back, and
+        the arbiter keeps it from this node for a while (node/grant_backoff.py); a started one (the printer
+        not called for what is left) ends with requeue, so it fails after ``farm.max_attempts``. None when
+        the copy went back, or was lost meanwhile."""
+        loop = asyncio.get_running_loop()
+        timing = self.settings.timing
+        now = self._copy(held)
+        state = now.state if now is not None else CopyState.CLAIMED
+        name = error = ""
+        for attempt in range(1, FETCH_TRIES + 1):
+            paths: list[Path] = []
+            try:
+                for s in job.sets:
+                    name = f"{s.file} ({s.sha256[:12]})"
+                    paths.append(await self.ensure_file(s.sha256, list(s.holders), self._fetch_progress))
+                return paths
+            except FileStoreError as exc:
+                error = str(exc)[:300]
+            self._say_once(held, f"{self.node_id}: {held.job}#{held.copy_index}: could not fetch {name} "
+                                 f"(try {attempt} of {FETCH_TRIES}): {error}")
+            if attempt == FETCH_TRIES:
+                break
+            self._set(WorkerState.FETCHING, f"could not fetch {name}: {error}; trying again")
+            until = loop.time() + min(timing.work_retry_s * 2 ** (attempt - 1), timing.lease_s / 4)
+            while (left := until - loop.time()) > 0:
+                await self._wait(left)
+                copy = self._copy(held)
+                if copy is None or copy.state != state:
+                    return None  # released, removed or taken meanwhile: nothing to give back
+        reason = f"{self.node_id} could not fetch {name} in {FETCH_TRIES} tries: {error}"
+        if state != CopyState.CLAIMED:
+            # Started (the arbiter granted and started it at once, or a restart found it started) and the
+            # printer not called for what is left: it ends with requeue, and after farm.max_attempts it fails.
+            await self._finish(held, P.Outcome.REQUEUE, reason)
+            return None
+        self._gave_back = held.grant
+        self._send(P.Release(node=self.node_id, namespace=held.namespace, job=held.job,
+                             copy_index=held.copy_index, grant=held.grant, reason=reason))
+        self._requested_key = None  # the arbiter dropped our request when it granted: ask again
+        self._set(WorkerState.IDLE, f"gave back {held.job}#{held.copy_index}: {reason}")
+        return None
+
+    def _say_once(self, held: Held, text: str) -> None:
+        """A fetch failure is the holders' doing (gone, or never had the file): said once per copy at warning
+        level, then at debug level, so that a copy nobody can fetch does not flood the log."""
+        key = (held.key, held.copy_index)
+        if key in self._fetch_warned:
+            log.debug("%s", text)
+            return
+        self._fetch_warned[key] = None
+        while len(self._fetch_warned) > ENDED_KEPT:
+            self._fetch_warned.popitem(last=False)
+        log.warning("%s (further failures of this copy are logged at debug level)", text)
 
     async def _start_committed(self, held: Held) -> bool:
         """Ask for the start and wait until it is committed; False if the copy is no longer ours."""
@@ -432,6 +494,13 @@ class Worker:
 
     async def _start_print(self, held: Held, path: Path, name: str, si: int, run: int) -> bool:
         """Call the printer; True once it prints ``name``. A start that fails before printing is a failed run."""
+        if (refused := await refusal_before_print(path, self.settings)) is not None:
+            # The G-code policy once more, under this printer's caps, whatever path the file came by: the
+            # printer is never called, and the copy goes back to the queue with the reason.
+            log.warning("%s: not printing %s: %s", self.node_id, name, refused)
+            self._save_local(held, si, run, "failed", refused)
+            await self._finish(held, P.Outcome.REQUEUE, refused)
+            return False
         self._save_local(held, si, run, "printing")
         self._set(WorkerState.PRINTING)
         try:
@@ -622,8 +691,18 @@ class Worker:
                 self._set(WorkerState.FETCHING, "waiting for the farm to confirm the start")
             await self._wait(self.settings.timing.work_retry_s)
             return
-        paths = [await self.ensure_file(s.sha256, list(s.holders), self._fetch_progress) for s in job.sets]
-        if printer_state in (PrinterState.PRINTING, PrinterState.PAUSED):
+        following = printer_state in (PrinterState.PRINTING, PrinterState.PAUSED)
+        more = local is None or phase == "ready" or (
+            phase == "ok" and (run + 1 < job.sets[si].count or si + 1 < len(job.sets)))
+        paths: list[Path] = []
+        if following:
+            paths = [await self.ensure_file(s.sha256, list(s.holders), self._fetch_progress) for s in job.sets]
+        elif more:  # the printer is to be called again: its files first (tried, then the copy is requeued)
+            fetched = await self._fetch_files(held, job)
+            if fetched is None:
+                return
+            paths = fetched
+        if following:
             at = parse_print_name(job.id, held.copy_index, file)
             if at is None:
                 # Not ours: someone printed by hand. Wait for the printer; our copy stays where it is.

@@ -9,6 +9,7 @@ state and ``now``; the arbiter stamps and commits their writes before it answers
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -35,6 +36,7 @@ from shared.models import (
 from shared.state import FarmState
 
 MAX_REQUEST_BYTES = 256 * 1024
+MAX_DEPTH = 32  # nesting of arrays and objects in a request; a job/add needs 5
 Transaction = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[\x21-\x7e]+$")]
 
 Write = tuple[str, dict[str, Any] | None]
@@ -134,16 +136,81 @@ _BARE: dict[str, str] = {
 }
 
 
+_NOT_STRUCTURAL = bytes(b for b in range(256) if b not in b'"[]{}')
+_SAME_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_STRING = re.compile(rb'"[^"]*"')  # after escapes are gone: linear, no backtracking
+
+
+def nesting_exceeds(payload: bytes, limit: int = MAX_DEPTH) -> bool:
+    """Whether arrays and objects in ``payload`` (JSON, perhaps malformed) nest deeper than ``limit``.
+
+    Checked before parsing, without recursion and in time linear in the payload: Python's json recurses once
+    per level, and a payload nested 100,000 deep raised RecursionError instead of getting an answer.
+    Brackets inside strings do not count; in malformed JSON they may, which only refuses it sooner."""
+    if payload.count(b"[") + payload.count(b"{") <= limit:
+        return False
+    # Escaped backslashes, then escaped quotes, go first (JSON pairs backslashes left to right); then all but
+    # quotes and brackets, then whole strings: what is left is the bracket structure.
+    s = payload.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURAL)
+    s = _STRING.sub(b"", s).translate(_SAME_BRACKETS)
+    if _deeper(s[:4096], limit):  # a hostile payload is usually deep from the start
+        return True
+    reduced = s
+    for _ in range(limit):  # each pass removes the innermost level of every balanced part (in C)
+        reduced, before = reduced.replace(b"[]", b""), reduced
+        if not reduced:
+            return False
+        if reduced == before:
+            break
+    return _deeper(s, limit)
+
+
+def _deeper(brackets: bytes, limit: int) -> bool:
+    depth = 0
+    for c in brackets:
+        if c == 0x5B:
+            depth += 1
+            if depth > limit:
+                return True
+        elif c == 0x5D and depth:
+            depth -= 1
+    return False
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(payload: bytes) -> Any:
+    # NaN and Infinity, which Python's json accepts, are not JSON (RFC 8259 §6).
+    return json.loads(payload, parse_constant=_no_constant)
+
+
+def loads_bounded(payload: bytes, *, max_bytes: int, max_depth: int = MAX_DEPTH, what: str = "payload") -> Any:
+    """Parse JSON with its size and nesting bounded; RequestError on anything else (never RecursionError)."""
+    if len(payload) > max_bytes:
+        raise RequestError(f"{what} of {len(payload)} bytes exceeds the limit of {max_bytes}")
+    if nesting_exceeds(payload, max_depth):
+        raise RequestError(f"{what} nests deeper than {max_depth} levels")
+    try:
+        return _loads(payload)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise RequestError(f"{what} is not valid JSON: {exc}") from exc
+
+
 def parse_envelope(path: str, payload: bytes) -> tuple[dict[str, Any], str | None]:
-    """Split a request payload into its body and its ``transaction``. Raise RequestError if malformed."""
+    """Split a request payload into its body and its ``transaction``. Raise RequestError if malformed: too
+    large (:data:`MAX_REQUEST_BYTES`), nested too deeply (:data:`MAX_DEPTH`), not JSON, not an object."""
     if len(payload) > MAX_REQUEST_BYTES:
         raise RequestError(f"request of {len(payload)} bytes exceeds the limit of {MAX_REQUEST_BYTES}")
+    if nesting_exceeds(payload):
+        raise RequestError(f"request nests deeper than {MAX_DEPTH} levels")
     if not payload.strip():
         raw: Any = {}
     else:
         try:
-            raw = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
+            raw = _loads(payload)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: see nesting_exceeds
             if path in _BARE:  # a bare unquoted value, e.g. `mosquitto_pub -m default`
                 try:
                     raw = payload.decode().strip()
@@ -154,13 +221,12 @@ def parse_envelope(path: str, payload: bytes) -> tuple[dict[str, Any], str | Non
     if not isinstance(raw, dict):
         if path in _BARE and not isinstance(raw, list):
             # A bare value is text: `-m 42` names job "42", not the number 42.
-            raw = {_BARE[path]: raw if isinstance(raw, str) else payload.decode().strip()}
+            raw = {_BARE[path]: raw if isinstance(raw, str) else payload.decode(errors="replace").strip()}
         else:
             raise RequestError("payload must be a JSON object")
     txn = raw.pop("transaction", None)
-    if txn is not None:
-        if not isinstance(txn, str) or not txn or len(txn) > 100:
-            raise RequestError("transaction must be a non-empty string of at most 100 characters")
+    if txn is not None and (not isinstance(txn, str) or not txn or len(txn) > 100):
+        raise RequestError("transaction must be a non-empty string of at most 100 characters")
     return raw, txn
 
 
