@@ -15,6 +15,7 @@ from shared.errors import ConfigError
 from shared.settings import Settings
 
 ENV_PREFIX = "NETQ_"
+KEY_FILE = "farm.key"  # in data_dir: the farm key that `netq init` and `netq join` write (docs/security.md)
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -82,6 +83,12 @@ def load_settings(path: Path | None = None, flags: Mapping[str, Any] | None = No
     data = _merge(data, _dotted(flags or {}))
     data.setdefault("node_id", _default_node_id())
     data.setdefault("data_dir", str(Path.home() / ".local/share/netqueues"))
+    farm = data.get("farm", {})
+    keyless = isinstance(farm, dict) and "key" not in farm and not farm.get("open")
+    if keyless and isinstance(data["data_dir"], str):
+        stored = read_key_file(Path(data["data_dir"]))
+        if stored is not None:
+            data["farm"] = {**farm, "key": stored}
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
@@ -96,3 +103,53 @@ def _default_node_id() -> str:
     host = socket.gethostname().split(".")[0]
     cleaned = "".join(c if c.isalnum() or c in "-_" else "-" for c in host).strip("-_")
     return cleaned[:64] or "node"
+
+
+# --- the farm key file --------------------------------------------------------------------------------------
+def read_key_file(data_dir: Path) -> str | None:
+    """The farm key kept in ``<data_dir>/farm.key`` (None: there is none). ``[farm] key`` and
+    ``NETQ_FARM__KEY`` win over it; ``[farm] open = true`` ignores it."""
+    path = data_dir / KEY_FILE
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the farm key file {path}: {exc.strerror}") from exc
+
+
+def write_key_file(data_dir: Path, key: str, *, replace: bool = False) -> Path:
+    """Keep ``key`` in ``<data_dir>/farm.key`` (mode 0600). An existing key is replaced only when asked:
+    another key makes this node a member of another farm."""
+    path = data_dir / KEY_FILE
+    if not replace and path.exists():
+        raise ConfigError(f"{path} already holds a farm key; a new one would take this node out of its farm")
+    write_private(path, key + "\n")
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a secret file atomically with mode 0600, creating its directory (0700) if missing. Run as root
+    in a data directory that belongs to the service's user, the file goes to that user, so that the node can
+    read it."""
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = directory / f".{path.name}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)  # O_EXCL below: a left-over file's mode must not be the one we keep
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                os.write(fd, text.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            st = directory.stat()
+            if os.geteuid() == 0 and st.st_uid != 0:
+                os.chown(tmp, st.st_uid, st.st_gid)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
