@@ -38,6 +38,7 @@ from pydantic import Field
 
 from node.homeassistant.summary import material_label, parse_material
 from node.link.base import Message
+from node.signing import StateSigning
 from shared import api
 from shared import protocol as P
 from shared.errors import RequestError
@@ -110,6 +111,7 @@ class NodeApi:
         self.node_id = agent.node_id
         self.topics = agent.topics
         self.release_timeout = release_timeout
+        self._signing = StateSigning.for_farm(agent.settings.farm)
         self._tasks: set[asyncio.Task[None]] = set()
         self._answers: OrderedDict[str, tuple[str, bytes]] = OrderedDict()  # transaction -> (path, answer)
         self._inflight: set[str] = set()
@@ -172,7 +174,8 @@ class NodeApi:
         asyncio.get_running_loop().call_soon(self._publish, path, answer)
 
     def _publish(self, path: str, answer: bytes) -> None:
-        self.agent.link.publish(self.topics.response(path), answer, qos=1)
+        topic = self.topics.response(path)
+        self.agent.link.publish(topic, self._signing.sign_payload(topic, answer), qos=1)  # node/signing.py
 
     async def _handle(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         req = api._model(_MODELS[path], body)

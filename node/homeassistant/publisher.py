@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from node.homeassistant import discovery as D
 from node.homeassistant import summary as S
 from node.link.base import Link, Message
+from node.signing import StateSigning
 from shared.models import job_key
 from shared.topics import Topics
 
@@ -64,6 +65,9 @@ class HomeAssistantPublisher:
         self.topics: Topics = agent.topics
         self.node_id = agent.node_id
         self.enabled = agent.settings.homeassistant.enabled
+        # The summaries are signed like all retained state (node/signing.py); discovery configs are Home
+        # Assistant's format and are not.
+        self._signing = StateSigning.for_farm(agent.settings.farm)
         self._rng = rng or random.Random()
         self._min_interval = min_interval
         self._announce_delay = announce_delay
@@ -171,7 +175,7 @@ class HomeAssistantPublisher:
         retired = self.node_id in self.agent.consensus.state.retired()
         if self.agent.worker is not None and not retired:
             node_summary, info = self._node_view(farm)
-            desired[summary_topic] = _json(node_summary)
+            desired[summary_topic] = self._signing.encode(summary_topic, node_summary, sort_keys=True)
             configs = D.node_configs(self.topics, info)
             own_configs = set(configs)
             desired.update((t, D.encode(p)) for t, p in configs.items())
@@ -185,7 +189,8 @@ class HomeAssistantPublisher:
             if self._farm_view[0] != key:
                 self._farm_view = (key, S.farm_summary(self.agent.consensus.state, self.agent.nodes, info_))
             farm_view = self._farm_view[1]
-            desired[D.farm_summary_topic(self.topics)] = _json(farm_view)
+            farm_topic = D.farm_summary_topic(self.topics)
+            desired[farm_topic] = self._signing.encode(farm_topic, farm_view, sort_keys=True)
             configs = D.farm_configs(self.topics, farm, str(info_.get("version", "")), list(farm_view["queues"]))
             farm_configs = set(configs)
             desired.update((t, D.encode(p)) for t, p in configs.items())
@@ -223,10 +228,6 @@ class HomeAssistantPublisher:
                           model=p.model or p.profile or f"{p.driver} printer", version=_version(),
                           material_options=tuple(options), tools=S.tools_of(loaded))
         return view, info
-
-
-def _json(value: dict[str, Any]) -> bytes:
-    return json.dumps(value, sort_keys=True).encode()
 
 
 def _version() -> str:

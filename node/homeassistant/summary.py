@@ -14,6 +14,9 @@ Logic lives here, in Python, so that the discovery payloads only pick fields wit
     {"farm": "…", "arbiter": "n1", "term": 3, "safety": "quorum", "warning": null, "members": 3,
      "nodes_online": 3, "printing": 2, "orphaned": 0, "conflicts": 0, "attention": 0,
      "queues": {"default": {"waiting": 4, "printing": 1, "remaining": 5, "jobs": 3, "paused": false}}}
+
+In a farm with a key both also carry ``"sig"``, the farm's signature of the view for its topic, added by the
+publisher (:mod:`node.signing`); the views here are built without it.
 """
 
 from __future__ import annotations
