@@ -14,22 +14,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from broker.auth import FarmAccess, TopicPolicy
 from broker.host import BrokerHost, BrokerSource, FixedBroker
 from node.arbiter import ArbiterServices
 from node.consensus import Consensus, Role
+from node.files.analysis import Verdicts
+from node.files.collect import referenced_shas
 from node.files.fetch import fetch
 from node.files.http import FileServer
-from node.files.store import FileStore
+from node.files.store import FileStore, MiB
 from node.homeassistant.publisher import HomeAssistantPublisher
 from node.link.base import Link, LinkOptions, Message, Will
 from node.link.mqtt import MqttLink
 from node.node_api import NodeApi
+from node.pairing import PairingServer, PairingService
 from node.printers.base import PrinterDriver
 from node.replica import Replica
 from node.scheduling import Scheduling
+from node.signing import StateSigning, StateVerifier
 from node.tasks import cancel_and_wait
 from node.worker import Worker
-from shared import PROTOCOL_VERSION
+from shared import PROTOCOL_VERSION, security
 from shared import protocol as P
 from shared.errors import ConfigError, FileStoreError, NetqError
 from shared.models import NodeState, StoredObject, WorkerState, member_key
@@ -39,6 +44,9 @@ from shared.topics import Topics
 log = logging.getLogger(__name__)
 
 STATE_REFRESH_S = 5.0
+NO_KEY = ("this node has no farm key: run `netq init` to make a new farm, or `netq join CODE` to join one (a code "
+          "from `netq pair` on a member; or set farm.key to the farm's key); `farm.open = true` runs a farm "
+          "without a key, which anyone on the network can join and steer")
 PROGRESS_EVERY_S = 2.0
 
 
@@ -73,6 +81,7 @@ class NodeAgent:
         self.settings = settings
         self.node_id = settings.node_id
         self.topics = Topics(settings.farm.base_topic, settings.homeassistant.prefix)
+        self._signing = StateSigning.for_farm(settings.farm)  # the node state and its last will
         self._link = link
         self._broker = broker
         self.printer = printer
@@ -86,23 +95,35 @@ class NodeAgent:
         self._retired_said = False
         self._tasks: list[asyncio.Task[None]] = []
         self.on_stop: list[Callable[[], Any]] = []
+        key = settings.farm.key_bytes
+        self._state_verifier = None if key is None else StateVerifier(security.state_public_key(key), self.topics)
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
         if self.lifecycle != Lifecycle.NEW:
             raise NetqError(f"node agent cannot start when {self.lifecycle.value}")
-        self.lifecycle = Lifecycle.STARTING
         s = self.settings
+        if s.farm.key is None and not s.farm.open:
+            raise ConfigError(NO_KEY)
+        self.lifecycle = Lifecycle.STARTING
         s.data_dir.mkdir(parents=True, exist_ok=True)
         if s.farm.key is None:
-            log.warning("farm is OPEN: no farm key is set, so any client on the network can join and send "
-                        "commands. Set farm.key (the same on every node) to require credentials and signatures.")
+            log.warning("farm is OPEN (farm.open = true): any client on the network can join it, read it and send "
+                        "commands. `netq init` makes a farm key (docs/security.md).")
         self.replica = Replica(s.data_dir / "replica.db")
         self.store = FileStore(s.data_dir / "files")
-        self.files = FileServer(self.store, host=s.files.bind, port=s.files.port)
+        self.verdicts = Verdicts(self.store, s.gcode)  # G-code policy scans: upload check, holder answers, arbiter
+        key = s.farm.key_bytes
+        self._file_token = security.file_token(key, security.Role.NODE) if key is not None else None
+        self.files = FileServer(self.store, host=s.files.bind_host(s.broker.interfaces), port=s.files.port,
+                                key=key, max_upload_bytes=s.files.max_upload_mb * MiB,
+                                quota_bytes=s.files.quota_mb * MiB, check=self.verdicts.scan)
         await self.files.start()
-        files_host = s.files.advertise or (s.files.bind if s.files.bind != "0.0.0.0" else "127.0.0.1")
-        self.files_url = f"http://{files_host}:{self.files.port}"
+        files_host = s.files.advertised_host(s.broker.interfaces)
+        self.files_url = f"http://{f'[{files_host}]' if ':' in files_host else files_host}:{self.files.port}"
+        self.pairing = None if s.farm.key is None else PairingServer(  # `netq join`: the SRV port of our advert
+            PairingService(key=s.farm.key, node_id=self.node_id, data_dir=s.data_dir), host=self.files.host)
+        self.pair_address = None if self.pairing is None else f"{files_host}:{await self.pairing.start()}"
 
         if self._link is None:
             if self._broker is None:
@@ -117,7 +138,8 @@ class NodeAgent:
         self.consensus = Consensus(s, self.link, self.replica, is_broker_host=self._is_broker_host,
                                    may_bootstrap=self._may_bootstrap)
         self.arbiter = ArbiterServices(s, self.consensus, self.link, Scheduling(s), lambda: self.nodes,
-                                       clock=self._monotonic, wall=time.time, store=self.store)
+                                       clock=self._monotonic, wall=time.time, store=self.store,
+                                       verdicts=self.verdicts)
         self.worker: Worker | None = None
         if self.printer is not None:
             self.worker = Worker(s, self.consensus, self.link, self.printer, self.ensure_file,
@@ -144,6 +166,7 @@ class NodeAgent:
         await self.homeassistant.start()
         await self.link.start()
         self._tasks.append(asyncio.create_task(self._refresh(), name=f"state-{self.node_id}"))
+        self._tasks.append(asyncio.create_task(self._collect_files(), name=f"collect-{self.node_id}"))
         self.lifecycle = Lifecycle.RUNNING
         log.info("%s: node agent running (files at %s)", self.node_id, self.files_url)
 
@@ -169,6 +192,8 @@ class NodeAgent:
         if self.printer is not None:
             await self.printer.close()
         await self.files.stop()
+        if self.pairing is not None:
+            await self.pairing.stop()
         self.replica.close()
         self.lifecycle = Lifecycle.STOPPED
 
@@ -180,10 +205,13 @@ class NodeAgent:
         if not b.interfaces:
             raise ConfigError("broker.interfaces must list the addresses zeroconf binds to (e.g. ['192.168.1.5']),"
                               " or set broker.url to use an existing broker")
-        farm = "open" if self.settings.farm.key is None else _fingerprint(self.settings.farm.key)
-        return BrokerHost(node_id=self.node_id, priority=b.priority, farm=farm, interfaces=b.interfaces,
-                          broker_host=b.advertise or (b.bind if b.bind != "0.0.0.0" else None),
-                          broker_port=b.port, proto=PROTOCOL_VERSION, max_packet_bytes=max(b.max_payload, 64 << 20))
+        key = self.settings.farm.key_bytes
+        policy = TopicPolicy(self.settings.farm.base_topic, self.settings.homeassistant.prefix)
+        return BrokerHost(node_id=self.node_id, priority=b.priority, farm=self.settings.farm.farm_id,
+                          interfaces=b.interfaces, broker_host=b.advertise or (b.bind if b.bind != "0.0.0.0" else None),
+                          broker_port=b.port, proto=PROTOCOL_VERSION, max_packet_bytes=b.max_payload,
+                          access=None if key is None else FarmAccess.keyed(key, policy),
+                          service_port=self.pairing.port if self.pairing is not None else 0)
 
     def _is_broker_host(self) -> bool:
         return isinstance(self._broker, BrokerHost) and self._broker.hosting is not None
@@ -222,12 +250,15 @@ class NodeAgent:
 
     # --- node state --------------------------------------------------------------------------------------
     def _link_options(self) -> LinkOptions:
-        return LinkOptions(client_id=f"netq-{self.node_id}",
+        key = self.settings.farm.key_bytes  # the member's broker credential (none in an open farm)
+        return LinkOptions(client_id=f"netq-{self.node_id}", username=security.Role.NODE.value,
+                           password=None if key is None else security.broker_password(key, security.Role.NODE),
                            will=Will(self.topics.node_state(self.node_id), self._offline_payload()))
 
     def _offline_payload(self) -> bytes:
-        return json.dumps({"node_id": self.node_id, "state": "offline", "worker": "offline",
-                           "farm": getattr(self, "consensus", None) and self.consensus.farm}).encode()
+        return self._signing.encode(self.topics.node_state(self.node_id), {
+            "node_id": self.node_id, "state": "offline", "worker": "offline",
+            "farm": getattr(self, "consensus", None) and self.consensus.farm})
 
     def node_state(self) -> NodeState:
         w = self.worker
@@ -242,6 +273,7 @@ class NodeAgent:
             progress=w.progress if w else None, capabilities=w.capabilities if w else None,
             namespaces=list(self.settings.worker.namespaces), accept_jobs=w.accept_jobs if w else False,
             witness=self.settings.witness, files_url=self.files_url, ts=time.time(),
+            dropped=self.consensus.dropped,
         )
 
     def schedule_publish(self) -> None:
@@ -268,8 +300,8 @@ class NodeAgent:
             return
         self._last_essence, self._last_publish = essence, now
         self.nodes[self.node_id] = dump
-        self.link.publish(self.topics.node_state(self.node_id), state.model_dump_json().encode(), qos=1,
-                          retain=True)
+        topic = self.topics.node_state(self.node_id)
+        self.link.publish(topic, self._signing.encode(topic, dump), qos=1, retain=True)
 
     def _publish_progress(self) -> None:
         self._progress_pending = False
@@ -285,7 +317,8 @@ class NodeAgent:
         """``<data_dir>/runtime.json``: how local tools (the CLI, the demo) reach this node and its broker."""
         address = self._broker.address if self._broker is not None else None
         info = {"node_id": self.node_id, "pid": os.getpid(), "files_url": self.files_url,
-                "broker": list(address) if address else None, "base_topic": self.settings.farm.base_topic}
+                "broker": list(address) if address else None, "base_topic": self.settings.farm.base_topic,
+                "pair_address": self.pair_address}
         path = self.settings.data_dir / "runtime.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(info))
@@ -301,10 +334,11 @@ class NodeAgent:
         try:
             raw = json.loads(msg.payload)
             st = NodeState.model_validate(raw, strict=False)  # JSON has lists where the model has tuples (bed_mm)
-        except ValueError:
+        except (ValueError, RecursionError):
             log.debug("ignoring malformed node state on %s", msg.topic)
             return
-        if st.node_id != node:
+        # The arbiter acts on node states (offline, accept_jobs, files_url): only a member's signed one counts.
+        if st.node_id != node or (self._state_verifier is not None and not self._state_verifier.check(msg.topic, raw)):
             return
         self.nodes[node] = st.model_dump(mode="json")
         if node == self.node_id and st.state == "offline" and self.lifecycle == Lifecycle.RUNNING:
@@ -342,11 +376,21 @@ class NodeAgent:
                 if h != self.node_id and self.nodes.get(h, {}).get("files_url")]
         if not urls:
             raise FileStoreError(f"no reachable holder of {sha256[:12]} (holders: {', '.join(holders)})")
-        await fetch(sha256, urls, self.store, progress_cb=progress)
+        await fetch(sha256, urls, self.store, token=self._file_token, progress_cb=progress)
         return self.store.path(sha256)
 
+    async def _collect_files(self) -> None:
+        """Every ``files.collect_every_s``, delete the stored files no job references (node/files/collect.py)."""
+        f = self.settings.files
+        while True:
+            await asyncio.sleep(f.collect_every_s)
+            c = self.consensus
+            # Only from a replica that is current: one still waiting for its snapshot names no job at all.
+            if c.farm is None or not c.is_member or not (c.serving or c.arbiter_serving):
+                continue
+            referenced = referenced_shas(c.state.jobs())
+            try:
+                await asyncio.to_thread(self.store.gc, referenced, now=time.time(), grace_s=f.collect_grace_s)
+            except FileStoreError as exc:
+                log.warning("%s: file collection failed: %s", self.node_id, exc)
 
-def _fingerprint(key: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(b"netqueues-farm:" + key.encode()).hexdigest()[:16]

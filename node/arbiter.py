@@ -17,17 +17,22 @@ from typing import Any
 
 from node import job_from_url, node_api
 from node.consensus import Consensus, NotCommitted, Role
+from node.files import holder_check
+from node.files.analysis import Verdicts
 from node.files.store import FileStore
+from node.files.url_guard import UrlPolicy
+from node.grant_backoff import GrantBackoff
 from node.homeassistant.publisher import node_event, remove_node_entities
 from node.link.base import Link, Message
 from node.replication import FileReplication
 from node.scheduling import Scheduling
+from node.signing import StateSigning
 from node.tasks import cancel_and_wait
-from shared import api, claims, membership
+from shared import api, claims, membership, security
 from shared import protocol as P
 from shared import scheduling as S
 from shared.errors import RequestError
-from shared.models import CopyState, Job, Member, job_key, member_key, txn_key
+from shared.models import CopyState, Job, Model, job_key, member_key, txn_key
 from shared.settings import Settings
 from shared.topics import Topics
 
@@ -48,16 +53,24 @@ class ArbiterServices:
         clock: Callable[[], float],
         wall: Callable[[], float],
         store: FileStore | None = None,
+        verdicts: Verdicts | None = None,
     ) -> None:
         self.settings = settings
         self.store = store  # where job/add downloads files given by URL
+        # The G-code policy scans of our store (shared with our file server's upload check, when given). None
+        # without a store: the in-memory test farm, whose nodes have no file servers to ask.
+        self.verdicts = verdicts if verdicts is not None or store is None else Verdicts(store, settings.gcode)
         self._downloads: set[asyncio.Task[None]] = set()
         self.c = consensus
         self.link = link
         self.topics = Topics(settings.farm.base_topic, settings.homeassistant.prefix)
+        self.signing = StateSigning.for_farm(settings.farm)  # retained view and answers (node/signing.py)
         self.scheduling = scheduling
         self.nodes = nodes
-        self.choose = scheduling.chooser(self._farm_view)
+        # A copy a node gave back is not handed straight back to that node (node/grant_backoff.py).
+        self.backoff = GrantBackoff()
+        self.choose = scheduling.chooser(self._farm_view,
+                                         exclude=lambda node: self.backoff.excluded(node, self.clock()))
         self._dispatch_farm: S.FarmView | None = None  # the farm view of the current dispatch pass
         self.clock = clock  # monotonic: leases and liveness
         self.wall = wall  # wall clock: timestamps people read
@@ -133,9 +146,9 @@ class ArbiterServices:
 
     def _publish_bridge(self) -> None:
         info = self.info()
-        self.link.publish(self.topics.bridge_state, json.dumps(
-            {"state": "online", "arbiter": self.c.node_id, "term": self.c.term}).encode(), retain=True)
-        self.link.publish(self.topics.bridge_info, json.dumps(info).encode(), retain=True)
+        state, t = {"state": "online", "arbiter": self.c.node_id, "term": self.c.term}, self.topics
+        self.link.publish(t.bridge_state, self.signing.encode(t.bridge_state, state), retain=True)
+        self.link.publish(t.bridge_info, self.signing.encode(t.bridge_info, info), retain=True)
 
     def _publish_job(self, namespace: str, job_id: str) -> None:
         key = job_key(namespace, job_id)
@@ -147,7 +160,7 @@ class ArbiterServices:
             return
         view = api.job_view(job)
         view["stamp"] = list(obj.stamp)
-        self.link.publish(topic, json.dumps(view).encode(), retain=True)
+        self.link.publish(topic, self.signing.encode(topic, view), retain=True)
 
     def _publish_writes(self, writes: list[Write]) -> None:
         for key, _ in writes:
@@ -196,8 +209,8 @@ class ArbiterServices:
 
         self.commit(writes, events, settled)
 
-    def send_to(self, node: str, msg: P.Model) -> None:
-        self.link.publish(self.topics.to_node(node), P.encode(msg), qos=1)
+    def send_to(self, node: str, msg: Model) -> None:
+        self.c.send_to_node(node, msg)  # sealed, as every protocol message
 
     # --- commits -----------------------------------------------------------------------------------------
     def commit(self, writes: list[Write], events: list[dict[str, Any]],
@@ -224,7 +237,9 @@ class ArbiterServices:
     # --- API requests ------------------------------------------------------------------------------------
     def _respond(self, path: str, status: str, data: dict[str, Any], txn: str | None,
                  error: str | None = None) -> None:
-        self.link.publish(self.topics.response(path), api.response(status, data, txn, error), qos=1)
+        topic = self.topics.response(path)
+        answer = api.response(status, data, txn, error)
+        self.link.publish(topic, self.signing.sign_payload(topic, answer), qos=1)
 
     def _on_request(self, msg: Message) -> None:
         path = self.topics.request_path(msg.topic)
@@ -296,12 +311,40 @@ class ArbiterServices:
             self._commit(writes, outcome.events, answer)
 
         if path == "job/add":
-            # Acknowledge only once the job's files are on two nodes, so it survives the loss of either.
+            # Acknowledge only once a holder the job names is known to hold each file and the file passes the
+            # G-code policy, and once the job's files are on two nodes, so it survives the loss of either.
             _, value = outcome.writes[0]
             assert value is not None
-            self.replication.before_add(value, self.clock(), proceed)
+            self._check_files(value, txn, lambda: self.replication.before_add(value, self.clock(), proceed))
         else:
             proceed({})
+
+    def _check_files(self, job: dict[str, Any], txn: str | None, then: Callable[[], None]) -> None:
+        """Ask the holders of a job/add's files (node/files/holder_check.py), then ``then()``; or answer the
+        refusal. The check is bounded in time, so the request is answered either way."""
+        if self.verdicts is None:
+            then()
+            return
+        key = self.settings.farm.key_bytes
+        token = None if key is None else security.file_token(key, security.Role.NODE)
+
+        async def check() -> None:
+            try:
+                await holder_check.check_job_files(job["sets"], own_id=self.c.node_id, verdicts=self.verdicts,
+                                                   nodes=self.nodes(), gcode=self.settings.gcode, token=token)
+            except Exception as exc:  # the request is answered whatever went wrong
+                if not isinstance(exc, RequestError):
+                    log.exception("checking the files of a job/add failed")
+                    exc = RequestError(f"the job's files could not be checked ({exc.__class__.__name__}); retry")
+                if txn is not None:
+                    self._inflight.discard(txn)
+                self._respond("job/add", "error", {}, txn, str(exc))
+                return
+            then()
+
+        task = asyncio.create_task(check(), name="job-add-check")
+        self._downloads.add(task)  # cancelled by stop(), as the URL downloads are
+        task.add_done_callback(self._downloads.discard)
 
     def _add_from_urls(self, topic: str, body: dict[str, Any], txn: str | None) -> None:
         """Download the sets given by URL into our store, then handle the request as a plain job/add."""
@@ -310,7 +353,11 @@ class ArbiterServices:
 
         async def download() -> None:
             try:
-                resolved = await job_from_url.resolve(body, self.store, self.c.node_id)
+                # Never the farm's own nodes (their file servers' and the broker's hosts), whatever url_allow says.
+                policy = UrlPolicy.for_farm(self.settings.files.url_allow, self.nodes(),
+                                            getattr(self.link, "address", None))
+                resolved = await job_from_url.resolve(body, self.store, self.c.node_id, gcode=self.settings.gcode,
+                                                      policy=policy)
             except RequestError as exc:
                 self._respond("job/add", "error", {}, txn, str(exc))
                 return
@@ -365,14 +412,23 @@ class ArbiterServices:
             elif isinstance(m, P.Release):
                 ch = claims.release(self.c.state, m.node, m.namespace, m.job, m.copy_index, m.grant, m.reason)
                 self.leases.pop((m.namespace, m.job, m.copy_index), None)
+                self.backoff.gave_back(m.node, (m.namespace, m.job, m.copy_index), self.clock())
                 self._commit(ch.writes, ch.events)
             elif isinstance(m, P.Join):
                 self._join(m)
             elif isinstance(m, P.Holding):
                 self.replication.on_holding(m, self.clock())
         except RequestError as exc:
-            # Usually a duplicate (a report resent before its commit was seen): harmless, so not loud.
-            log.debug("refused %s from %s: %s", m.kind, node, exc)
+            if isinstance(m, (P.StartRequest, P.FinishReport, P.Release)) and not self._holds(m):
+                self.c.refuse(m.kind, node, f"it does not hold the copy: {exc}")  # counted and said once
+            else:
+                # Usually a duplicate (a report resent before its commit was seen): harmless, so not loud.
+                log.debug("refused %s from %s: %s", m.kind, node, exc)
+
+    def _holds(self, m: P.StartRequest | P.FinishReport | P.Release) -> bool:
+        """Whether ``m``'s node is the one the copy it reports on is held by (under whichever grant)."""
+        job = self.c.state.job(job_key(m.namespace, m.job))
+        return job is not None and m.copy_index < len(job.copies) and job.copies[m.copy_index].node == m.node
 
     def _join(self, m: P.Join) -> None:
         """Enroll a member: one membership change at a time, so consecutive quorums overlap."""
@@ -386,8 +442,7 @@ class ArbiterServices:
             log.log(level, "not enrolling %s: %s", m.node, refused)
             return
         self.member_change_pending = True
-        member = Member(node_id=m.node, weight=max(0, min(m.weight, 10)), witness=m.witness,
-                        enrolled_at=self.wall())
+        member = membership.enrollment(m.node, witness=m.witness, now=self.wall())  # weight: the farm's rule
 
         def settled(exc: BaseException | None) -> None:
             self.member_change_pending = False
@@ -590,8 +645,8 @@ def _holds_every_file(node: str) -> Callable[[Job], bool]:
 def _peek_transaction(payload: bytes) -> str | None:
     """The transaction of a payload we may not be able to parse, to echo it in the error response."""
     try:
-        raw = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+        raw = api.loads_bounded(payload, max_bytes=api.MAX_REQUEST_BYTES)  # bounded: never RecursionError
+    except RequestError:
         return None
     txn = raw.get("transaction") if isinstance(raw, dict) else None
     return txn if isinstance(txn, str) and len(txn) <= 100 else None

@@ -7,13 +7,13 @@ import json
 import logging
 import os
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shared.errors import NetqError
@@ -45,7 +45,8 @@ def _run(coro: Callable[[], Awaitable[T]]) -> T:
     try:
         return asyncio.run(coro())  # type: ignore[arg-type]
     except NetqError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        # Escaped: messages name settings in brackets ("blocked by [gcode]"), which rich takes for markup.
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -57,6 +58,7 @@ async def _client(config: Path | None, broker: str | None) -> Any:
     from broker.host import parse_broker_url
     from node.client import FarmClient
     from node.config import load_settings
+    from shared import security
 
     settings = load_settings(config) if config is not None or os.environ.get("NETQ_CONFIG") else None
     base = settings.farm.base_topic if settings else "netq"
@@ -72,10 +74,16 @@ async def _client(config: Path | None, broker: str | None) -> Any:
                 address = (str(rt["broker"][0]), int(rt["broker"][1]))
         except (OSError, ValueError):
             pass
+    # The operator's broker credential, from the farm key of the config (or NETQ_FARM__KEY): none if open.
+    key = (settings if settings is not None else load_settings(None)).farm.key_bytes
     if address is None:
         interfaces = settings.broker.interfaces if settings is not None else None
-        address = await discover_broker(interfaces or None)
-    client = FarmClient(address, base_topic=base)
+        address = await discover_broker(interfaces or None, farm=None if key is None else security.farm_id(key))
+    operator = security.Role.OPERATOR
+    # With the key, answers and retained state are checked against the farm's state key: a forged one is ignored.
+    client = FarmClient(address, base_topic=base, username=None if key is None else operator.value,
+                        password=None if key is None else security.broker_password(key, operator),
+                        state_key=None if key is None else security.state_public_key(key))
     await client.connect()
     return client
 
@@ -124,6 +132,190 @@ def run(
     _run(main)
 
 
+# --- the farm's identity: init, pair, join (docs/security.md, "Pairing a node") -----------------------------
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="The node's data directory (default: the "
+                                                  "config's data_dir, else ~/.local/share/netqueues).")]
+
+
+def _identity(config: Path | None, data_dir: Path | None) -> Any:
+    """The local node's settings for init/pair/join, and the farm key in its key file (or None)."""
+    from node.config import load_settings, read_key_file
+
+    settings = load_settings(config, {"data_dir": str(data_dir) if data_dir else None})
+    return settings, read_key_file(settings.data_dir)
+
+
+def _own_key_file(settings: Any, held: str | None) -> None:
+    """Refuse when the key that counts is not the key file's: writing the file would change nothing."""
+    from shared.errors import ConfigError
+
+    if settings.farm.open:
+        raise ConfigError("this node is configured with farm.open = true: remove that first (a farm with a key "
+                          "is not open)")
+    if settings.farm.key is not None and settings.farm.key != held:
+        raise ConfigError("this node's farm key is set in its config file or environment (farm.key), which wins "
+                          "over the key file: change it there")
+
+
+@app.command("init")
+def init_farm(
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace this node's farm key (a new farm, or a key "
+                                        "rotation: every other node then pairs again).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {farm_id, key, pairing_code} as the last line.")]
+    = False,
+) -> None:
+    """Make a new farm: a farm key, its farm id, and a pairing code for the next host (`netq join CODE`)."""
+    import time
+
+    from rich.markup import escape
+
+    from node.config import write_key_file
+    from node.pairing import issue_code
+    from shared import pairing, security
+    from shared.errors import ConfigError
+
+    async def main() -> dict[str, Any]:
+        settings, held = _identity(config, data_dir)
+        _own_key_file(settings, held)
+        if held is not None and not force:
+            raise ConfigError(f"this node already holds the key of farm {settings.farm.farm_id} "
+                              f"({settings.data_dir / 'farm.key'}): `netq init --force` replaces it (a new farm, "
+                              "or a key rotation), and then every other node must pair again")
+        key = security.new_farm_key()
+        out: dict[str, Any] = {"farm_id": security.farm_id(security.parse_key(key)), "key": key}
+        code, out["key_file"], out["expires"] = pairing.new_code(), None, None
+        try:
+            out["key_file"] = str(write_key_file(settings.data_dir, key, replace=True))
+            code, pending = issue_code(settings.data_dir)
+            out["expires"] = pending.expires
+        except ConfigError as exc:  # nowhere to keep it: the key is still good to paste into [farm] key
+            kept = ("the pairing code is not served" if out["key_file"]
+                    else "nothing was kept: paste the key into \\[farm] key")
+            err.print(f"[yellow]warning:[/yellow] {escape(str(exc))}; {kept}", highlight=False, soft_wrap=True)
+        out["pairing_code"] = str(code)
+        return out
+
+    data = _run(main)
+    if as_json:
+        print(json.dumps({k: data[k] for k in ("farm_id", "key", "pairing_code")}))
+        return
+    until = time.strftime("%H:%M", time.localtime(data["expires"])) if data["expires"] else None
+    console.print(f"A new farm: [bold]{data['farm_id']}[/bold] (its public id)", highlight=False, soft_wrap=True)
+    kept = f"; kept in {data['key_file']} (mode 0600)" if data["key_file"] else ""
+    console.print(f"  farm key      {data['key']}\n                secret: whoever holds it is a member{kept}",
+                  highlight=False, soft_wrap=True)
+    if until:
+        console.print(f"  pairing code  [bold]{data['pairing_code']}[/bold]\n"
+                      f"                for the next host: one try, until {until}, served while this node runs",
+                      highlight=False, soft_wrap=True)
+    console.print("Next:\n"
+                  "  1. start this node:   netq run" + (f" --config {config}" if config else "")
+                  + (f" --data-dir {data_dir}" if data_dir else "") + "\n"
+                  f"  2. on the next host:  netq join {data['pairing_code']}\n"
+                  "     (or paste the key into its config: \\[farm] key = \"…\")\n"
+                  "  3. for each further host, `netq pair` on any member prints a new code",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command("pair")
+def pair_code(
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    minutes: Annotated[float, typer.Option("--minutes", min=1, max=24 * 60, help="How long the code is "
+                                           "served.")] = 15,
+    as_json: JsonOpt = False,
+) -> None:
+    """Issue a fresh pairing code on this member, for the next host's `netq join CODE` (one try; it replaces
+    any earlier code of this node)."""
+    import time
+
+    from node.pairing import issue_code
+    from shared.errors import ConfigError
+
+    async def main() -> dict[str, Any]:
+        settings, _held = _identity(config, data_dir)
+        if settings.farm.key is None:
+            raise ConfigError("this node holds no farm key, so it has none to share: `netq init` makes a farm, "
+                              "`netq join CODE` joins one")
+        code, pending = issue_code(settings.data_dir, ttl_s=minutes * 60)
+        address = None
+        try:
+            rt = json.loads((settings.data_dir / "runtime.json").read_text())
+            os.kill(int(rt["pid"]), 0)
+            address = rt.get("pair_address")
+        except (OSError, ValueError, KeyError, TypeError):
+            err.print("[yellow]note:[/yellow] no node agent seems to run with this data directory: the code is "
+                      "served once it runs (`netq run`)", highlight=False, soft_wrap=True)
+        return {"pairing_code": str(code), "expires": pending.expires, "address": address,
+                "farm_id": settings.farm.farm_id}
+
+    data = _run(main)
+    if as_json:
+        print(json.dumps(data))
+        return
+    until = time.strftime("%H:%M", time.localtime(data["expires"]))
+    console.print(f"pairing code for farm {data['farm_id']}: [bold]{data['pairing_code']}[/bold] "
+                  f"(one try, until {until})", highlight=False, soft_wrap=True)
+    console.print(f"on the new host:  netq join {data['pairing_code']}"
+                  + (f"\n   or directly:   netq join {data['pairing_code']} --address {data['address']}"
+                     if data["address"] else ""), highlight=False, soft_wrap=True)
+
+
+@app.command("join")
+def join_farm(
+    code: Annotated[str, typer.Argument(help="The pairing code from `netq init` or `netq pair`, e.g. "
+                                        "42-maple-otter-violin.")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    address: Annotated[list[str] | None, typer.Option("--address", help="HOST:PORT of a member's pairing "
+                                                      "endpoint (`netq pair` prints it); default: zeroconf.")]
+    = None,
+    interface: Annotated[list[str] | None, typer.Option("--interface", help="Zeroconf interface address (default: "
+                                                        "broker.interfaces, else all).")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to look for members, and per member.")]
+    = 5.0,
+    force: Annotated[bool, typer.Option("--force", help="Replace a farm key this node already holds.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Join a farm: fetch its key from a member with a pairing code (SPAKE2: the code never travels), keep it
+    in the node's data directory."""
+    from node.config import write_key_file
+    from node.pairing import discover_members
+    from node.pairing import join as pair_with
+    from shared.errors import ConfigError
+    from shared.pairing import parse_code
+
+    async def main() -> dict[str, Any]:
+        parsed = parse_code(code)
+        settings, held = _identity(config, data_dir)
+        _own_key_file(settings, held)
+        if held is not None and not force:
+            raise ConfigError(f"this node already holds the key of farm {settings.farm.farm_id}: `--force` "
+                              "replaces it (this node then leaves that farm)")
+        if address:
+            urls = [a if a.startswith("http://") else f"http://{a}" for a in address]
+        else:
+            interfaces = list(interface or settings.broker.interfaces) or None
+            urls = await discover_members(interfaces, timeout=timeout)
+            if not urls:
+                raise NetqError("no member of a farm found on the network"
+                                + (f" (zeroconf on {', '.join(interfaces)})" if interfaces else "")
+                                + ": is a member running? give --address HOST:PORT (`netq pair` prints it)")
+        joined = await pair_with(parsed, urls, timeout=timeout)
+        path = write_key_file(settings.data_dir, joined.key, replace=True)
+        return {"farm_id": joined.farm_id, "member": joined.member, "key_file": str(path)}
+
+    data = _run(main)
+    if as_json:
+        print(json.dumps(data))
+        return
+    console.print(f"joined farm [bold]{data['farm_id']}[/bold]: the key came from {data['member']}, kept in "
+                  f"{data['key_file']}\nnext: netq run" + (f" --config {config}" if config else "")
+                  + (f" --data-dir {data_dir}" if data_dir else ""), highlight=False, soft_wrap=True, markup=True)
+
+
 # --- queue commands ---------------------------------------------------------------------------------------
 def _parse_material(text: str) -> dict[str, Any] | None:
     if text in ("", "-", "any"):
@@ -166,9 +358,11 @@ def add(
         raise typer.Exit(2)
 
     async def main() -> dict[str, Any]:
+        await asyncio.to_thread(_policy_precheck, files, gjob, config, profile)  # nothing uploaded if it fails
         client = await _client(config, broker)
         try:
             target = await _upload_target(client, config)
+            token = _file_token(config)
             extents = beds_known((await client.request("node/list"))["nodes"])
             given: dict[str, Any] = {}
             if material:
@@ -176,14 +370,15 @@ def add(
             if profile:
                 given["profiles"] = list(profile)
             if gjob:
-                body = await _gjob_job(files[0], target, given, show_progress=not as_json, extents=extents)
+                body = await _gjob_job(files[0], target, given, show_progress=not as_json, extents=extents,
+                                       token=token)
                 if count_given:
                     body["count"] = count
             else:
                 sets = []
                 for path in files:
                     meta = await asyncio.to_thread(read_file_meta, path)
-                    sha = await upload_file(target[1], path, show_progress=not as_json)
+                    sha = await upload_file(target[1], path, show_progress=not as_json, token=token)
                     sets.append(fill_set({"file": path.name, "sha256": sha, "count": set_count,
                                           "holders": [target[0]], **given}, meta, extents=extents))
                 body = {"count": count, "sets": sets}
@@ -202,8 +397,29 @@ def add(
                       f"({data['copies']} {'copy' if data['copies'] == 1 else 'copies'})")
 
 
+def _policy_precheck(files: list[Path], gjob: bool, config: Path | None, profiles: list[str] | None) -> None:
+    """``netq add``'s check before anything is uploaded: the G-code policy of the local config's ``[gcode]``
+    (the defaults without a config), under the caps of ``--profile`` (else the farm's highest). The node that
+    takes the upload and the arbiter check again. Raises PolicyError or ArchiveError naming file, line and rule."""
+    from node.config import load_settings
+    from node.files.analysis import check_path
+    from shared.gcode_policy import PolicyError, summary
+    from shared.gjob import read_gjob
+
+    gcode = load_settings(config).gcode
+    policy = gcode.policy(gcode.set_caps(profiles) if profiles else None)
+    if gjob:
+        read_gjob(files[0], policy=policy)
+        return
+    for path in files:
+        violations = check_path(path, policy)
+        if violations:
+            raise PolicyError(f"{path.name} breaks the G-code policy, not uploaded: {summary(violations)}",
+                              violations)
+
+
 async def _gjob_job(archive: Path, target: tuple[str, str], given: dict[str, Any], *,
-                    show_progress: bool, extents: bool) -> dict[str, Any]:
+                    show_progress: bool, extents: bool, token: str | None = None) -> dict[str, Any]:
     """Check a ``.gjob``, upload each of its files through ``target``, and return the ``job/add`` body."""
     import tempfile
 
@@ -225,11 +441,20 @@ async def _gjob_job(archive: Path, target: tuple[str, str], given: dict[str, Any
 
             await asyncio.to_thread(unpack)
             metas[path] = await asyncio.to_thread(read_file_meta, local)
-            shas[path] = await upload_file(target[1], local, show_progress=show_progress)
+            shas[path] = await upload_file(target[1], local, show_progress=show_progress, token=token)
     body = job_from_manifest(manifest, shas, target[0], metas, extents=extents)
     for s in body["sets"]:
         s.update(given)
     return body
+
+
+def _file_token(config: Path | None) -> str | None:
+    """The operator's file token, from the farm key of --config (or NETQ_CONFIG, or NETQ_FARM__KEY)."""
+    from node.config import load_settings
+    from shared import security
+
+    key = load_settings(config).farm.key_bytes
+    return None if key is None else security.file_token(key, security.Role.OPERATOR)
 
 
 async def _upload_target(client: Any, config: Path | None) -> tuple[str, str]:
@@ -293,7 +518,7 @@ def export(
                         if nodes.get(h, {}).get("state") == "online" and nodes[h].get("files_url")]
                 if not urls:
                     raise NetqError(f"no online holder of {s['file']} ({', '.join(s.get('holders', []))})")
-                await fetch(s["sha256"], urls, store)  # hash-verified
+                await fetch(s["sha256"], urls, store, token=_file_token(config))  # hash-verified
             data = await export_gjob(manifest, store, paths)
         tmp_out = output.with_name(output.name + ".part")
         tmp_out.write_bytes(data)
@@ -483,6 +708,120 @@ def node_retire(
     _simple("node/retire", {"node": node_id}, config, broker, as_json, say)
 
 
+# --- credentials ------------------------------------------------------------------------------------------
+CREDENTIAL_ROLES = ("homeassistant", "operator", "viewer", "node")
+
+
+@app.command()
+def credentials(
+    role: Annotated[str, typer.Argument(help="homeassistant, operator, viewer or node; or mosquitto, to write a "
+                                        "password file and an ACL file for an external mosquitto.")],
+    password_only: Annotated[bool, typer.Option("--password", help="Print only the password (for scripts: "
+                                                "mosquitto_pub -u operator -P \"$(netq credentials operator "
+                                                "--password)\" …).")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="mosquitto: the folder to write the files into.",
+                                             file_okay=False)] = None,
+    listen: Annotated[str, typer.Option("--listen", help="mosquitto: HOST:PORT of the listener in the "
+                                        "mosquitto.conf snippet.")] = "0.0.0.0:1883",
+    config: ConfigOpt = None,
+    broker: BrokerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A role's broker credentials, file token and the farm's state public key, from the farm key (e.g. what to
+    paste into Home Assistant's MQTT integration); or, with ``mosquitto``, the files an external broker needs."""
+    from node.config import load_settings
+    from shared import security
+
+    if role not in (*CREDENTIAL_ROLES, "mosquitto"):
+        err.print(f"[red]error:[/red] ROLE is one of {', '.join(CREDENTIAL_ROLES)} or mosquitto", highlight=False)
+        raise typer.Exit(2)
+    try:
+        settings = load_settings(config)
+        key = settings.farm.key_bytes
+        if key is None:
+            raise NetqError("this farm has no key (an open farm, or not set up yet), so it has no credentials: "
+                            "`netq init` makes a farm key, `netq join CODE` fetches one")
+        if role == "mosquitto":
+            _mosquitto_files(settings, key, out, listen, as_json)
+            return
+        info = _credentials(settings, key, security.Role(role), broker)
+    except NetqError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    if password_only:
+        print(info["password"])
+    elif as_json:
+        print(json.dumps(info))
+    else:
+        _say_credentials(info)
+
+
+def _credentials(settings: Any, key: bytes, role: Any, broker: str | None) -> dict[str, Any]:
+    """What a client of ``role`` needs, as printed by ``netq credentials ROLE --json``."""
+    from broker.host import parse_broker_url
+    from node.files.http import may
+    from shared import security
+
+    address: tuple[str, int] | None = None
+    if broker or settings.broker.url:
+        address = parse_broker_url(broker or settings.broker.url)
+    else:  # the broker this node uses now (an embedded broker moves when its host stops)
+        try:
+            rt = json.loads((settings.data_dir / "runtime.json").read_text())
+            if rt.get("broker"):
+                address = (str(rt["broker"][0]), int(rt["broker"][1]))
+        except (OSError, ValueError, TypeError, IndexError):
+            pass
+    info: dict[str, Any] = {
+        "farm_id": security.farm_id(key), "role": role.value,
+        "broker": None if address is None else {"host": address[0], "port": address[1]},
+        "username": role.value, "password": security.broker_password(key, role),
+        "base_topic": settings.farm.base_topic, "state_public_key": security.state_public_key(key),
+    }
+    if may(role, "GET") or may(role, "POST"):
+        info["file_token"] = security.file_token(key, role)
+    if role is security.Role.HOMEASSISTANT:
+        info["discovery_prefix"] = settings.homeassistant.prefix
+    return info
+
+
+def _say_credentials(info: dict[str, Any]) -> None:
+    broker = info["broker"]
+    host = broker["host"] if broker else "the broker host's address (`netq nodes`: the node with role broker)"
+    port = str(broker["port"]) if broker else "1883 (the broker.port of the nodes)"
+    if info["role"] == "homeassistant":
+        print("Home Assistant: Settings → Devices & services → Add integration → MQTT, then")
+    rows = [("Broker", host), ("Port", port), ("Username", info["username"]), ("Password", info["password"])]
+    if "discovery_prefix" in info:
+        rows.append(("Discovery prefix", f"{info['discovery_prefix']} (the MQTT integration's options)"))
+    if "file_token" in info:
+        rows.append(("File token", f"{info['file_token']} (Authorization: Bearer, on the nodes' file servers)"))
+    rows.append(("Farm", info["farm_id"]))
+    rows.append(("State key", f"{info['state_public_key']} (checks the farm's signed state and answers)"))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"  {name.ljust(width)}  {value}")
+
+
+def _mosquitto_files(settings: Any, key: bytes, out: Path | None, listen: str, as_json: bool) -> None:
+    from broker.auth import TopicPolicy, write_mosquitto_files
+
+    if out is None:
+        raise NetqError("netq credentials mosquitto needs --out DIR: the folder to write the files into")
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise NetqError(f"--listen {listen!r}: expected HOST:PORT, e.g. 0.0.0.0:1883")
+    policy = TopicPolicy(settings.farm.base_topic, settings.homeassistant.prefix)
+    paths = write_mosquitto_files(out.resolve(), key, policy, host=host, port=int(port_text))
+    if as_json:
+        print(json.dumps({k: str(v) for k, v in paths.items()}))
+        return
+    print(f"wrote {paths['password_file']} (the four role passwords, hashed) and {paths['acl_file']} (their topic "
+          "rules)\nadd to mosquitto.conf (or `include_dir` the folder):\n")
+    print(paths["conf"].read_text(), end="")
+    print("\nmosquitto cannot refuse retained publishes by ACL: see docs/security.md.")
+
+
 @app.command()
 def demo(
     nodes_: Annotated[int, typer.Option("--nodes", help="Node agents to start.")] = 3,
@@ -510,4 +849,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -7,15 +7,17 @@ Reading the file and the environment happens in :mod:`node.config`; this module 
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 import zoneinfo
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared import security
+from shared import gcode_policy, security
 from shared.errors import ConfigError
 from shared.models import NAMESPACE_RE, NODE_ID_RE, Material
 from shared.scheduling.operators import ALWAYS, OperatorSchedule, Shift
@@ -143,10 +145,55 @@ class WorkerSettings(Section):
     accept_jobs: bool = True
 
 
+_HOST_NAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                           r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+
+def _network_or_host(entry: str) -> str:
+    """A ``[files] url_allow`` entry: a network or an address, or a host name."""
+    text = entry.strip()
+    try:
+        ipaddress.ip_network(text, strict=False)
+        return text
+    except ValueError:
+        pass
+    if not _HOST_NAME_RE.match(text) or text.replace(".", "").isdigit():
+        raise ValueError(f"{entry[:80]!r} is neither a network (10.0.0.0/8, 192.168.1.20) nor a host name")
+    return text
+
+
 class FilesSettings(Section):
-    bind: str = "0.0.0.0"
-    advertise: str | None = None
+    """``[files]``: the node's G-code HTTP server and its store (docs/security.md, "Files")."""
+
+    # Address the file server listens on. None: the first of broker.interfaces, else 127.0.0.1; all
+    # interfaces ("0.0.0.0") only when written here.
+    bind: str | None = None
+    advertise: str | None = None  # address in the node's files_url; default: the bound one
     port: Annotated[int, Field(ge=0, le=65535)] = 0
+    max_upload_mb: Annotated[int, Field(ge=1, le=65536)] = 256  # one upload; larger ones are refused (413)
+    quota_mb: Annotated[int, Field(ge=1)] = 8192  # the whole store; an upload past it is refused (507)
+    # A stored file that no job references is deleted once it is this old: long enough for a file uploaded
+    # now to be named by the job/add that follows it.
+    collect_grace_s: Annotated[float, Field(ge=60)] = 24 * 3600.0
+    collect_every_s: Annotated[float, Field(gt=0)] = 600.0
+    # Private networks (10.0.0.0/8, 192.168.1.20, fd00::/8) or host names (nas.lan) that URL jobs may be
+    # fetched from; loopback and link-local only by a network inside them (127.0.0.1/32). Never a farm node.
+    url_allow: list[Annotated[str, AfterValidator(_network_or_host)]] = []
+
+    def bind_host(self, interfaces: Sequence[str]) -> str:
+        """The address to listen on, given the node's broker.interfaces."""
+        if self.bind is not None:
+            return self.bind
+        return interfaces[0] if interfaces else "127.0.0.1"
+
+    def advertised_host(self, interfaces: Sequence[str]) -> str:
+        """The address other nodes and the CLI reach the file server at."""
+        if self.advertise:
+            return self.advertise
+        host = self.bind_host(interfaces)
+        if host in ("0.0.0.0", "::", ""):
+            return interfaces[0] if interfaces else "127.0.0.1"
+        return host
 
 
 class HomeAssistantSettings(Section):
@@ -217,6 +264,84 @@ def _zone(name: str) -> tzinfo:
         raise ValueError(f"unknown timezone {name!r} (expected an IANA name like 'Europe/Berlin', or '+02:00')") from exc
 
 
+GcodeCelsius = Annotated[float, Field(gt=0, le=1000)]
+
+
+class GcodeProfileCaps(Section):
+    """``[gcode.profiles."<profile>"]``: the caps for printers of one profile; an unset cap is [gcode]'s."""
+
+    max_hotend_c: GcodeCelsius | None = None
+    max_bed_c: GcodeCelsius | None = None
+    max_chamber_c: GcodeCelsius | None = None
+
+
+class GcodeSettings(Section):
+    """``[gcode]``: the farm's G-code policy, checked on every path a file takes and once more before a printer
+    is called (docs/security.md, "G-code policy"). Keep it the same on every node: a holder's check of a file
+    counts for the arbiter only when both read files under the same rules."""
+
+    mode: Literal["blocklist", "allowlist"] = "blocklist"
+    block: list[str] = []  # added to the default block list (M500, M997, SAVE_CONFIG, …)
+    allow: list[str] = []  # taken out of the default block list and its conditional rules (M302, M810…)
+    commands: list[str] = []  # mode "allowlist": the only commands a file may hold (T<n> always passes)
+    max_hotend_c: GcodeCelsius = 285.0
+    max_bed_c: GcodeCelsius = 120.0
+    max_chamber_c: GcodeCelsius = 70.0
+    # Per printer profile (printer.profile on the printer's node; a job set's profiles at submission).
+    profiles: Annotated[dict[str, GcodeProfileCaps], Field(max_length=256)] = {}
+
+    @field_validator("block", "allow", "commands")
+    @classmethod
+    def _commands(cls, names: list[str]) -> list[str]:
+        return sorted({gcode_policy.normalise_command(n) for n in names})
+
+    @field_validator("profiles")
+    @classmethod
+    def _profile_names(cls, profiles: dict[str, GcodeProfileCaps]) -> dict[str, GcodeProfileCaps]:
+        out: dict[str, GcodeProfileCaps] = {}
+        for name, caps in profiles.items():
+            key = name.strip().casefold()
+            if not key or len(key) > 200:
+                raise ValueError(f"gcode.profiles: {name[:40]!r} is not a printer profile name")
+            if key in out:
+                raise ValueError(f"gcode.profiles: {name[:40]!r} is given twice (names ignore case)")
+            out[key] = caps
+        return out
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GcodeSettings:
+        both = set(self.block) & set(self.allow)
+        if both:
+            raise ValueError(f"gcode: {', '.join(sorted(both))} both in block and in allow")
+        if self.mode == "allowlist" and not self.commands:
+            raise ValueError('gcode.mode = "allowlist" needs gcode.commands: the commands a file may hold')
+        return self
+
+    def caps(self, profile: str | None = None) -> gcode_policy.Caps:
+        """The caps for a printer of ``profile`` (the [gcode] defaults where its profile sets none)."""
+        own = (self.profiles.get(profile.strip().casefold()) if profile else None) or GcodeProfileCaps()
+        return gcode_policy.Caps(
+            hotend_c=self.max_hotend_c if own.max_hotend_c is None else own.max_hotend_c,
+            bed_c=self.max_bed_c if own.max_bed_c is None else own.max_bed_c,
+            chamber_c=self.max_chamber_c if own.max_chamber_c is None else own.max_chamber_c)
+
+    def set_caps(self, profiles: Sequence[str]) -> gcode_policy.Caps:
+        """The caps for a job set: the highest of the profiles it may print on ([gcode]'s when it names none)."""
+        if not profiles:
+            return self.caps()
+        first, *rest = [self.caps(p) for p in profiles]
+        return first.highest(*rest)
+
+    def farm_caps(self) -> gcode_policy.Caps:
+        """The highest caps of any profile: what an upload, not yet part of any job, is checked against."""
+        return self.caps().highest(*(self.caps(p) for p in self.profiles))
+
+    def policy(self, caps: gcode_policy.Caps | None = None) -> gcode_policy.GcodePolicy:
+        """The policy under these rules with ``caps`` (default: :meth:`farm_caps`)."""
+        return gcode_policy.GcodePolicy(mode=self.mode, block=frozenset(self.block), allow=frozenset(self.allow),
+                                        commands=frozenset(self.commands), caps=caps or self.farm_caps())
+
+
 class Settings(Section):
     node_id: Annotated[str, Field(pattern=NODE_ID_RE)]
     data_dir: Path
@@ -229,6 +354,7 @@ class Settings(Section):
     files: FilesSettings = FilesSettings()
     homeassistant: HomeAssistantSettings = HomeAssistantSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    gcode: GcodeSettings = GcodeSettings()
 
     @model_validator(mode="after")
     def _witness_has_no_printer(self) -> Settings:
