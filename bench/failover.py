@@ -88,7 +88,7 @@ class Bench:
         self.farm = LanFarm(self.lan, self.root / f"farm-{self.builds}", time_scale=TIME_SCALE,
                             timing=self.timing)
         self.client = ClientProc(self.lan, self.root / f"history-{self.builds}.jsonl",
-                                 self.root / f"client-{self.builds}.log")
+                                 self.root / f"client-{self.builds}.log", self.farm.key)
         self.farm.start()
         await self.client.start()
         await wait_for(lambda: farm_ready(self.client, 3), 60, "three nodes enrolled", 0.3)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from rich.live import Live
 from rich.table import Table
 
 from node.farm import ProcessFarm
+from shared import security
 from shared.errors import NetqError
 
 DEMO_TIMING = {"heartbeat_s": 0.2, "election_timeout_s": 0.8, "lease_s": 10.0, "lock_delay_s": 1.0,
@@ -64,7 +65,9 @@ async def run_demo(n: int, jobs: int, *, until_done: bool, kill_host: bool, time
         await farm.wait_ready(client, n, timeout=60)
         client.watch(client.topics.node_state_filter)
         await farm.add_jobs(client, jobs, copies=1)
-        note = f"{jobs} jobs queued on {n} nodes; printers run {time_scale:g}x faster than real time"
+        farm_id = security.farm_id(security.parse_key(farm.key)) if farm.key else "open"
+        note = (f"farm {farm_id} (its own key: credentials and signed messages); {jobs} jobs queued on {n} nodes;"
+                f" printers run {time_scale:g}x faster than real time")
         killed = False
         with Live(console=console, refresh_per_second=4, transient=as_json) as live:
             while True:

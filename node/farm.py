@@ -31,6 +31,7 @@ import aiohttp
 
 from node.client import FarmClient
 from node.printers.simulated import read_journal
+from shared import security
 from shared.errors import NetqError
 
 
@@ -90,9 +91,11 @@ def render_toml(data: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def mosquitto_broker(workdir: Path, exe: str = "mosquitto") -> Iterator[tuple[str, int]]:
+def mosquitto_broker(workdir: Path, exe: str = "mosquitto", *, key: str | None = None) -> Iterator[tuple[str, int]]:
     """A real mosquitto on 127.0.0.1 and a free port, for tests and benchmarks; stopped on exit.
 
+    ``key``: the farm's key; mosquitto then admits only the farm's roles, with the password file and ACL file
+    of `netq credentials mosquitto` (broker.auth). Without it, anonymous clients (an open farm).
     ``max_queued_messages 0``: its default of 1000 drops QoS 1 messages to a slow subscriber.
     ``set_tcp_nodelay true``: mosquitto leaves Nagle's algorithm on by default, which holds a small packet sent
     while the previous one is unacknowledged for up to 40 ms (the client's delayed ACK)."""
@@ -100,8 +103,18 @@ def mosquitto_broker(workdir: Path, exe: str = "mosquitto") -> Iterator[tuple[st
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\npersistence false\n"
-                    "set_tcp_nodelay true\n")
+    auth = None
+    if key is None:
+        listener = f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+    else:
+        from broker.auth import TopicPolicy, write_mosquitto_files
+
+        # A folder others may enter: mosquitto started as root reads the files as the user `mosquitto`.
+        auth = Path(tempfile.mkdtemp(prefix="netq-mosquitto-"))
+        auth.chmod(0o755)
+        listener = write_mosquitto_files(auth, security.parse_key(key), TopicPolicy(), host="127.0.0.1",
+                                         port=port)["conf"].read_text()
+    conf.write_text(f"{listener}max_queued_messages 0\npersistence false\nset_tcp_nodelay true\n")
     log = workdir / "mosquitto.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([exe, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
@@ -119,6 +132,8 @@ def mosquitto_broker(workdir: Path, exe: str = "mosquitto") -> Iterator[tuple[st
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        if auth is not None:
+            shutil.rmtree(auth, ignore_errors=True)
 
 
 def gcode_for(seconds: float, label: str) -> bytes:
@@ -135,8 +150,11 @@ class ProcessFarm:
 
     def __init__(self, n: int, *, root: Path | None = None, time_scale: float = 60.0,
                  timing: dict[str, Any] | None = None, broker_url: str | None = None,
-                 witnesses: int = 0, env: dict[str, str] | None = None) -> None:
+                 witnesses: int = 0, env: dict[str, str] | None = None, key: str | None = None,
+                 open_farm: bool = False) -> None:
+        """``key``: the farm key (default: a new one, as `netq init` makes); ``open_farm``: no key at all."""
         self._own_root = root is None
+        self.key = None if open_farm else (key or security.new_farm_key())
         self.root = root or Path(tempfile.mkdtemp(prefix="netq-farm-"))
         self.time_scale = time_scale
         self.timing = timing or {}
@@ -161,7 +179,8 @@ class ProcessFarm:
             "self_clearing": True, **node.extra.get("printer", {})}
         return {
             "node_id": node.node_id, "data_dir": str(node.data_dir), "witness": node.witness,
-            "farm": {"base_topic": "netq", **node.extra.get("farm", {})}, "broker": broker,
+            "farm": {"base_topic": "netq", **({"key": self.key} if self.key else {"open": True}),
+                     **node.extra.get("farm", {})}, "broker": broker,
             "timing": dict(self.timing), "printer": printer, "files": {"bind": "127.0.0.1", "port": 0},
             "worker": dict(node.extra.get("worker", {})), "homeassistant": {"enabled": True},
         }
@@ -223,7 +242,7 @@ class ProcessFarm:
             return parse_broker_url(self.broker_url)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            seen = Counter()
+            seen: Counter[tuple[str, int]] = Counter()
             for node in self.nodes:
                 rt = node.runtime() if node.alive else None
                 if rt and rt.get("broker"):
@@ -236,9 +255,24 @@ class ProcessFarm:
 
     async def client(self, timeout: float = 30.0, exclude: tuple[str, int] | None = None) -> FarmClient:
         """A client that follows the broker when it moves (it asks the live nodes on every reconnect)."""
-        client = FarmClient(await self.broker_address(timeout, exclude), provider=lambda: self.broker_address(timeout))
+        state_key = None if self.key is None else security.state_public_key(security.parse_key(self.key))
+        client = FarmClient(await self.broker_address(timeout, exclude), provider=lambda: self.broker_address(timeout),
+                            state_key=state_key, **self.credentials(security.Role.OPERATOR))
         await client.connect()
         return client
+
+    def credentials(self, role: security.Role) -> dict[str, str]:
+        """FarmClient's username and password for ``role`` (none for an open farm)."""
+        if self.key is None:
+            return {}
+        key = security.parse_key(self.key)
+        return {"username": role.value, "password": security.broker_password(key, role)}
+
+    def file_headers(self, role: security.Role = security.Role.OPERATOR) -> dict[str, str]:
+        """The file servers' bearer token header for ``role`` (none for an open farm)."""
+        if self.key is None:
+            return {}
+        return {"Authorization": f"Bearer {security.file_token(security.parse_key(self.key), role)}"}
 
     async def wait_ready(self, client: FarmClient, members: int, timeout: float = 60.0) -> dict[str, Any]:
         """Wait until an arbiter serves and ``members`` nodes are enrolled."""
@@ -272,11 +306,11 @@ class ProcessFarm:
             if time.monotonic() > deadline or not node.alive:
                 raise NetqError(f"{node.node_id} is not running (no runtime.json)\n{self.logs()}")
             await asyncio.sleep(0.05)
-        async with aiohttp.ClientSession() as session:
-            async with session.post(f"{rt['files_url']}/files", data=data) as resp:
-                if resp.status >= 300:
-                    raise NetqError(f"upload to {node.node_id} failed: {resp.status} {await resp.text()}")
-                body = await resp.json()
+        async with aiohttp.ClientSession() as session, \
+                session.post(f"{rt['files_url']}/files", data=data, headers=self.file_headers()) as resp:
+            if resp.status >= 300:
+                raise NetqError(f"upload to {node.node_id} failed: {resp.status} {await resp.text()}")
+            body = await resp.json()
         sha = str(body["sha256"])
         assert sha == hashlib.sha256(data).hexdigest()
         return sha

@@ -13,7 +13,6 @@ The witness keeps a quorum of three members while one printer node is killed.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -62,9 +61,8 @@ class Rig:
 def rig(octoprint_factory: OctoPrintFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     farm = ProcessFarm(2, witnesses=1, root=tmp_path_factory.mktemp("farm"), timing=TIMING)
     octo = {}
-    key = secrets.token_hex(8)  # a farm of its own: other farms on this machine advertise on 127.0.0.1 too
-    for node in farm.nodes:
-        node.extra["farm"] = {"max_attempts": MAX_ATTEMPTS, "key": key}
+    for node in farm.nodes:  # the farm has a key of its own (ProcessFarm makes one)
+        node.extra["farm"] = {"max_attempts": MAX_ATTEMPTS}
         if node.witness:
             continue
         server = octo[node.node_id] = octoprint_factory()

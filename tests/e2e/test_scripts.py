@@ -23,6 +23,8 @@ from aiohttp import web
 from node.client import FarmClient
 from node.demo import DEMO_TIMING
 from node.farm import NodeProc, ProcessFarm, gcode_for, mosquitto_broker
+from shared import security
+from shared.security import Role
 from tests.mosquitto_fixture import require_tool
 from tests.waiting import until as _until
 
@@ -30,6 +32,7 @@ pytestmark = pytest.mark.e2e
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "deploy" / "scripts"
 N2_QUEUES = ["a-paused", "scripts", "urls", "default"]
+URL_HOST = "127.0.0.2"  # a loopback address of its own for the test's file server (Linux routes 127/8 to lo)
 
 
 class ScriptFarm(ProcessFarm):
@@ -49,21 +52,27 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+KEY = security.new_farm_key()  # the module's farm: mosquitto admits its roles only
+
+
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     exe = require_tool("mosquitto")
     for tool in ("mosquitto_pub", "mosquitto_sub"):
         require_tool(tool)
-    with mosquitto_broker(tmp_path_factory.mktemp("mosquitto"), exe) as address:
+    with mosquitto_broker(tmp_path_factory.mktemp("mosquitto"), exe, key=KEY) as address:
         yield address
 
 
 @pytest.fixture(scope="module")
 def farm(broker: tuple[str, int]) -> Iterator[ScriptFarm]:
-    f = ScriptFarm(2, time_scale=300, timing=DEMO_TIMING, broker_url=f"mqtt://{broker[0]}:{broker[1]}")
+    f = ScriptFarm(2, time_scale=300, timing=DEMO_TIMING, broker_url=f"mqtt://{broker[0]}:{broker[1]}", key=KEY)
     n1, n2 = f.nodes
-    n1.extra = {"printer": {"self_clearing": False}, "worker": {"namespaces": ["bed"]}}
-    n2.extra = {"worker": {"namespaces": N2_QUEUES}}
+    # URL jobs fetch from this test's web server on 127.0.0.2 (the farm's own nodes, on 127.0.0.1, are refused
+    # whatever url_allow says; loopback is refused unless allowed exactly).
+    allow = {"url_allow": [f"{URL_HOST}/32"]}
+    n1.extra = {"printer": {"self_clearing": False}, "worker": {"namespaces": ["bed"]}, "files": allow}
+    n2.extra = {"worker": {"namespaces": N2_QUEUES}, "files": allow}
     f.start()
     try:
         yield f
@@ -93,7 +102,10 @@ def sh(broker: tuple[str, int]) -> Script:
     async def run(script: str, *args: str, env: dict[str, str] | None = None,
                   timeout: float = 90) -> tuple[int, str, str]:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("NETQ_")}
-        environ.update({"NETQ_HOST": broker[0], "NETQ_PORT": str(broker[1]), **(env or {})})
+        # A script runs as the farm's operator (`netq credentials operator`).
+        login = {"NETQ_USER": Role.OPERATOR.value,
+                 "NETQ_PASSWORD": security.broker_password(security.parse_key(KEY), Role.OPERATOR)}
+        environ.update({"NETQ_HOST": broker[0], "NETQ_PORT": str(broker[1]), **login, **(env or {})})
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh", str(SCRIPTS / script), *args, env=environ, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -157,10 +169,10 @@ async def test_add_by_url_downloads_into_the_arbiter_and_checks_the_hash(farm: S
     app.router.add_get("/parts/benchy.gcode", serve)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, URL_HOST, 0)
     await site.start()
     port = runner.addresses[0][1]
-    url = f"http://127.0.0.1:{port}/parts/benchy.gcode"
+    url = f"http://{URL_HOST}:{port}/parts/benchy.gcode"
     try:
         for env in ({}, {"NETQ_NO_JQ": "1"}):
             rc, out, err = await sh("netq-add-job.sh", "--url", url, "--sha256", sha, "-n", "urls", env=env)
@@ -242,7 +254,8 @@ async def test_a_paused_queue_is_skipped_until_resumed(farm: ScriptFarm, client:
 
     # Resume with a bare value, as the docs show: mosquitto_pub -m a-paused.
     host, port = broker
-    pub = [require_tool("mosquitto_pub"), "-h", host, "-p", str(port), "-q", "1"]
+    login = ["-u", Role.OPERATOR.value, "-P", security.broker_password(security.parse_key(KEY), Role.OPERATOR)]
+    pub = [require_tool("mosquitto_pub"), "-h", host, "-p", str(port), *login, "-q", "1"]
     proc = await asyncio.create_subprocess_exec(*pub, "-t", "netq/request/queue/resume", "-m", "a-paused")
     assert await proc.wait() == 0
     rc, out, err = await sh("netq-wait-job.sh", "-n", "a-paused", "-t", "60", a.strip())

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,9 +32,6 @@ async def farm() -> AsyncIterator[ProcessFarm]:
                            "worker": {"accept_jobs": False}}
     farm.nodes[1].extra = {"printer": {"profile": "other", "bed_mm": [200.0, 200.0, 200.0],
                                        "self_clearing": False}}
-    key = secrets.token_hex(8)  # a farm of its own: other farms on this machine advertise on 127.0.0.1 too
-    for node in farm.nodes:
-        node.extra["farm"] = {"key": key}
     farm.start()
     try:
         yield farm

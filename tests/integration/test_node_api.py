@@ -25,6 +25,7 @@ from node.client import FarmClient
 from node.homeassistant import discovery as D
 from node.homeassistant.publisher import remove_node_entities
 from node.link.base import Message
+from shared import security
 from shared.models import CopyState, Material, WorkerState, job_key
 from shared.settings import Settings
 from tests.conftest import AmqttServer
@@ -54,9 +55,10 @@ class Farm:
         self.agents: dict[str, NodeAgent] = {}
         self.responses: list[Message] = []
         self.client: FarmClient | None = None
+        self.key = security.new_farm_key()
 
     def settings(self, node_id: str, **printer: Any) -> Settings:
-        return Settings(node_id=node_id, data_dir=self.root / node_id,
+        return Settings(node_id=node_id, data_dir=self.root / node_id, farm={"key": self.key},
                         broker={"url": f"mqtt://{self.broker[0]}:{self.broker[1]}"}, timing=TIMING,
                         printer={"driver": "simulated", "time_scale": 600.0, "self_clearing": True, **printer},
                         files={"bind": "127.0.0.1", "port": 0})
@@ -68,7 +70,7 @@ class Farm:
         return agent
 
     async def connect(self, members: int) -> FarmClient:
-        client = FarmClient(self.broker)
+        client = FarmClient(self.broker, state_key=security.state_public_key(security.parse_key(self.key)))
         await client.connect()
         self.client = client
         client.link.subscribe("netq/response/#", self.responses.append)
@@ -258,16 +260,24 @@ async def test_release_gives_back_a_claimed_copy_and_pauses(farm: Farm) -> None:
         await serve.wait()
         return web.Response(body=data)
 
+    async def policy(_request: web.Request) -> web.Response:
+        # What a holder answers the arbiter's check of a job/add: its scan of the file, at once.
+        return web.Response(body=n1.settings.gcode.policy().scan_chunks([data]).model_dump_json(),
+                            content_type="application/json")
+
     app = web.Application()
     app.router.add_get(f"/files/{sha}", slow_file)
+    app.router.add_get(f"/files/{sha}/policy", policy)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     try:
         url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        client.link.publish("netq/nodes/slowpoke/state", json.dumps(
-            {"node_id": "slowpoke", "state": "online", "files_url": url}).encode(), retain=True)
+        topic = "netq/nodes/slowpoke/state"  # a holder that is no node agent: its state signed as a member's
+        signed = security.StateSigner(security.parse_key(farm.key)).sign(
+            topic, {"node_id": "slowpoke", "state": "online", "files_url": url})
+        client.link.publish(topic, json.dumps(signed).encode(), retain=True)
         await until(lambda: "slowpoke" in n1.nodes, "n1 knowing the holder")
         answer = await client.request("job/add", {"sets": [{"file": "slow.gcode", "sha256": sha,
                                                             "holders": ["slowpoke"]}]}, timeout=20)

@@ -162,8 +162,9 @@ def make_schedule(seed: int, *, hosts: int | None = None, window: float | None =
 class ClientProc:
     """``tests/lan/client.py`` running in the client namespace, spoken to over its stdin and stdout."""
 
-    def __init__(self, lan: Lan, history: Path, log_path: Path) -> None:
+    def __init__(self, lan: Lan, history: Path, log_path: Path, key: str) -> None:
         self.lan = lan
+        self.key = key
         self.history = history
         self.log_path = log_path
         self.proc: asyncio.subprocess.Process | None = None
@@ -175,7 +176,7 @@ class ClientProc:
     async def start(self, timeout: float = 20.0) -> None:
         argv = die_with_parent() + self.lan.exec_argv(self.lan.client, [str(PYTHON), "-m", "tests.lan.client", "--interface",
                                                      self.lan.client.addr, "--history", str(self.history)])
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO), NETQ_LAN_FARM_KEY=self.key)
         self._stderr = self.log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
             *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, cwd=str(REPO), env=env,
@@ -446,7 +447,7 @@ class Runner:
         with Lan(self.s.hosts) as lan:
             result["run_id"] = lan.run_id
             farm = LanFarm(lan, self.workdir / "nodes", time_scale=TIME_SCALE, safety=self.safety)
-            client = ClientProc(lan, history, self.workdir / "client.log")
+            client = ClientProc(lan, history, self.workdir / "client.log", farm.key)
             try:
                 await self._run(farm, client, result)
             except Exception as exc:  # noqa: BLE001 - any failure of the run is reported, then cleaned up

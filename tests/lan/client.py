@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,12 +36,16 @@ from broker.choice import Address
 from broker.host import tcp_reachable
 from node.client import FarmClient
 from node.farm import gcode_for
+from shared import security
 from shared.errors import NetqError, ProtocolError, RequestError
 
 ATTEMPT_TIMEOUT_S = 2.5
 PROBE_TIMEOUT_S = 0.5
 RETRY_PAUSE_S = 0.25
 REBROWSE_S = 3.0  # no live broker for this long: browse again from scratch
+# The farm's key, from the fault run that started us (tests/lan/chaos.py): the client is an operator.
+FARM_KEY = security.parse_key(os.environ["NETQ_LAN_FARM_KEY"])
+FILE_HEADERS = {"Authorization": f"Bearer {security.file_token(FARM_KEY, security.Role.OPERATOR)}"}
 
 
 class History:
@@ -103,6 +108,8 @@ class Brokers:
             advert = advert_from_properties(info.decoded_properties)
         except ProtocolError:
             return
+        if advert.farm != security.farm_id(FARM_KEY):
+            return  # another farm's node
         if advert.broker is None:
             self.known.pop(advert.node_id, None)
         else:
@@ -172,7 +179,10 @@ class Driver:
             if self.client is not None:
                 await self.client.close()
                 self.client = None
-            client = FarmClient(target, client_id=f"chaos-client-{int(time.time() * 1000) % 10**8}")
+            client = FarmClient(target, client_id=f"chaos-client-{int(time.time() * 1000) % 10**8}",
+                                username=security.Role.OPERATOR.value,
+                                password=security.broker_password(FARM_KEY, security.Role.OPERATOR),
+                                state_key=security.state_public_key(FARM_KEY))
             try:
                 await client.connect(timeout=2.0)
             except NetqError:
@@ -244,7 +254,7 @@ class Driver:
         sha = ""
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             for url in urls:
-                async with session.post(f"{url}/files", data=data) as resp:
+                async with session.post(f"{url}/files", data=data, headers=FILE_HEADERS) as resp:
                     if resp.status >= 300:
                         raise NetqError(f"upload to {url} failed: {resp.status} {await resp.text()}")
                     sha = str((await resp.json())["sha256"])

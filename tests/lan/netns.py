@@ -42,6 +42,7 @@ from typing import Any, Self
 
 from node.farm import render_toml
 from node.printers.simulated import StartRecord, read_journal
+from shared import security
 
 log = logging.getLogger(__name__)
 
@@ -378,8 +379,9 @@ class LanFarm:
     """One node agent process per host of a :class:`Lan`, each in its namespace, bound to its own address."""
 
     def __init__(self, lan: Lan, root: Path, *, time_scale: float = 60.0, timing: dict[str, float] | None = None,
-                 safety: str = "quorum", verbose: bool = False) -> None:
+                 safety: str = "quorum", verbose: bool = False, key: str | None = None) -> None:
         self.lan = lan
+        self.key = key or security.new_farm_key()  # every farm has a key (docs/security.md)
         self.root = root
         self.time_scale = time_scale
         self.timing = dict(CHAOS_TIMING if timing is None else timing)
@@ -387,8 +389,8 @@ class LanFarm:
         self.verbose = verbose
         self.nodes = [LanNode(h, f"n{h.index}", root / f"n{h.index}") for h in lan.hosts]
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-        for key in [k for k in self.env if k.startswith("NETQ_")]:
-            del self.env[key]  # a node takes its settings from its file only
+        for name in [k for k in self.env if k.startswith("NETQ_")]:
+            del self.env[name]  # a node takes its settings from its file only
 
     def node(self, node_id: str) -> LanNode:
         for n in self.nodes:
@@ -406,7 +408,7 @@ class LanFarm:
         addr = node.host.addr
         return {
             "node_id": node.node_id, "data_dir": str(node.data_dir),
-            "farm": {"base_topic": "netq", "safety": self.safety},
+            "farm": {"base_topic": "netq", "safety": self.safety, "key": self.key},
             "broker": {"bind": addr, "port": 1883, "interfaces": [addr], "priority": 10},
             "timing": self.timing,
             "printer": {"driver": "simulated", "time_scale": self.time_scale, "journal": str(node.journal),
