@@ -49,6 +49,12 @@ lan-available: $(STAMP) system-deps
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
+# A long fuzzing run of tests/fuzz (hypothesis profile "fuzz": 20,000 inputs per test; `make test` runs the
+# bounded "ci" profile). The count of inputs run is printed at the end.
+.PHONY: fuzz
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q --timeout=0 tests/fuzz
+
 chaos: $(STAMP) system-deps
 	NETQ_CHAOS_SEEDS=$(SEEDS) $(PY) -m pytest -q tests/lan
 
@@ -61,7 +67,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check broker node shared tests bench
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy shared
+	$(VENV)/bin/mypy shared broker node
 
 clean:
 	rm -rf $(VENV) .octoprint-venv .pytest_cache .mypy_cache .ruff_cache .hypothesis
