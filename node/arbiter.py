@@ -190,7 +190,9 @@ class ArbiterServices:
         if note is not None:
             warning = note if warning is None else f"{note}; {warning}"
         return {
-            "farm": self.c.farm, "arbiter": self.c.node_id, "term": self.c.term, "commit": self.c.commit[1],
+            # farm_id: the farm's public id, from its key (`netq init`, zeroconf); farm: the id of its replicated
+            # history, made when its first node founded it (two histories never merge, even under one key).
+            "farm_id": self.settings.farm.farm_id, "farm": self.c.farm, "arbiter": self.c.node_id, "term": self.c.term, "commit": self.c.commit[1],
             "members": sorted(members), "retired": sorted(self.c.state.retired()), "safety": safety,
             "namespaces": self.c.state.namespaces(), "warning": warning, "version": _version(),
         }

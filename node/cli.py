@@ -604,7 +604,7 @@ def nodes(config: ConfigOpt = None, broker: BrokerOpt = None, as_json: JsonOpt =
     if as_json:
         print(json.dumps(data))
         return
-    table = Table(title=f"farm {data.get('farm')} — arbiter {data.get('arbiter')} (term {data.get('term')}), "
+    table = Table(title=f"farm {data.get('farm_id') or data.get('farm')} — arbiter {data.get('arbiter')} (term {data.get('term')}), "
                         f"safety {data.get('safety')}")
     for col in ("node", "online", "role", "worker", "job", "progress", "note"):
         table.add_column(col)

@@ -223,19 +223,6 @@ class _Gate:
         return socket.socket(family=family, type=type_, proto=proto)
 
 
-async def fetch_url(
-    url: str,
-    store: FileStore,
-    expected_sha: str | None = None,
-    *,
-    policy: UrlPolicy | None = None,
-    limits: UrlLimits = DEFAULT_LIMITS,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-) -> str:
-    """Download ``url`` into ``store`` (for adding a job from a URL) and return its sha256."""
-    return (await download_url(url, store, expected_sha, policy=policy, limits=limits, max_bytes=max_bytes)).sha
-
-
 async def download_url(
     url: str,
     store: FileStore,

@@ -19,7 +19,7 @@ from aiohttp import web
 from node.agent import NodeAgent
 from node.client import FarmClient
 from node.files.analysis import analyse
-from node.files.fetch import fetch, fetch_url
+from node.files.fetch import download_url, fetch
 from node.files.http import FileServer
 from node.files.store import FileStore
 from node.files.url_guard import UrlPolicy
@@ -421,19 +421,19 @@ async def test_fetch_url_from_loopback_when_allowed(stores: tuple[FileStore, Fil
     async with serving(a) as server:
         url = f"{server.base_url}/files/{SHA}"
         with pytest.raises(FileStoreError, match="loopback"):
-            await fetch_url(url, b)
-        assert await fetch_url(url, b, policy=allow) == SHA
+            await download_url(url, b)
+        assert (await download_url(url, b, policy=allow)).sha == SHA
         assert b.path(SHA).read_bytes() == DATA
         b.remove(SHA)
         with pytest.raises(FileStoreError, match="does not match"):
-            await fetch_url(url, b, expected_sha=MISSING, policy=allow)
+            await download_url(url, b, expected_sha=MISSING, policy=allow)
         assert not b.has(SHA)
         with pytest.raises(FileStoreError, match="HTTP 404"):
-            await fetch_url(f"{server.base_url}/files/{MISSING}", b, policy=allow)
+            await download_url(f"{server.base_url}/files/{MISSING}", b, policy=allow)
         with pytest.raises(FileStoreError, match="too big|more than"):
-            await fetch_url(url, b, max_bytes=1000, policy=allow)
+            await download_url(url, b, max_bytes=1000, policy=allow)
     with pytest.raises(FileStoreError, match="only http"):
-        await fetch_url("file:///etc/passwd", b)
+        await download_url("file:///etc/passwd", b)
 
 
 async def test_uploaded_gcode_is_analysed_and_policy_checked(stores: tuple[FileStore, FileStore]) -> None:

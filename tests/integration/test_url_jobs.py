@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from node.files.fetch import download_url, fetch_url
+from node.files.fetch import download_url
 from node.files.store import FileStore
 from node.files.url_guard import UrlLimits, UrlPolicy
 from node.job_from_url import resolve
@@ -106,16 +106,16 @@ def store(tmp_path: Path) -> FileStore:
 async def test_loopback_is_refused_before_any_connection(store: FileStore) -> None:
     async with serving() as server:
         with pytest.raises(FileStoreError, match="127.0.0.1 is a loopback address"):
-            await fetch_url(f"{server.base}/file.gcode", store)
+            await download_url(f"{server.base}/file.gcode", store)
         port = server.base.rsplit(":", 1)[1]
         # A name resolving to loopback is refused on the socket: aiohttp never connects.
         with pytest.raises(FileStoreError, match="refused: .*loopback"):
-            await fetch_url(f"http://localhost:{port}/file.gcode", store)
+            await download_url(f"http://localhost:{port}/file.gcode", store)
         with pytest.raises(FileStoreError, match="refused"):
-            await fetch_url(f"http://[::ffff:127.0.0.1]:{port}/file.gcode", store)
+            await download_url(f"http://[::ffff:127.0.0.1]:{port}/file.gcode", store)
         for other_form in ("2130706433", "127.1", "0x7f.0.0.1", "0"):  # forms a resolver maps to loopback
             with pytest.raises(FileStoreError):
-                await fetch_url(f"http://{other_form}:{port}/file.gcode", store)
+                await download_url(f"http://{other_form}:{port}/file.gcode", store)
         assert server.hits == []
     assert nothing_stored(store)
 
@@ -132,19 +132,19 @@ async def test_no_redirect_to_a_refused_address(store: FileStore) -> None:
     async with serving() as server:
         # To a cloud metadata address: refused before connecting (nothing listens there in a test anyway).
         with pytest.raises(FileStoreError, match="169.254.169.254 is a link-local"):
-            await fetch_url(f"{server.base}/redirect?to=http://169.254.169.254/latest/meta-data/", store,
+            await download_url(f"{server.base}/redirect?to=http://169.254.169.254/latest/meta-data/", store,
                             policy=LOOPBACK)
         with pytest.raises(FileStoreError, match="127.0.0.2 is a loopback address"):
-            await fetch_url(f"{server.base}/redirect?to=http://127.0.0.2/", store, policy=LOOPBACK)
+            await download_url(f"{server.base}/redirect?to=http://127.0.0.2/", store, policy=LOOPBACK)
         with pytest.raises(FileStoreError, match="only http"):
-            await fetch_url(f"{server.base}/redirect?to=file:///etc/passwd", store, policy=LOOPBACK)
+            await download_url(f"{server.base}/redirect?to=file:///etc/passwd", store, policy=LOOPBACK)
         assert server.hits.count("/file.gcode") == 0
         # Redirects are followed a bounded number of times, each hop checked.
         with pytest.raises(FileStoreError, match="more than 5 redirects"):
-            await fetch_url(f"{server.base}/loop", store, policy=LOOPBACK)
+            await download_url(f"{server.base}/loop", store, policy=LOOPBACK)
         assert len(server.hits) == 3 + 6
-        got = await fetch_url(f"{server.base}/redirect?to=/file.gcode", store, policy=LOOPBACK)
-        assert store.path(got).read_bytes() == GCODE
+        got = await download_url(f"{server.base}/redirect?to=/file.gcode", store, policy=LOOPBACK)
+        assert store.path(got.sha).read_bytes() == GCODE
 
 
 async def test_a_redirect_to_a_name_is_checked_on_the_address_connected_to(store: FileStore) -> None:
@@ -153,7 +153,7 @@ async def test_a_redirect_to_a_name_is_checked_on_the_address_connected_to(store
     async with serving() as target, serving("127.0.0.2") as server:
         port = target.base.rsplit(":", 1)[1]
         with pytest.raises(FileStoreError, match=r"refused: (127\.0\.0\.1|::1) is a loopback address"):
-            await fetch_url(f"{server.base}/redirect?to=http://localhost:{port}/file.gcode", store,
+            await download_url(f"{server.base}/redirect?to=http://localhost:{port}/file.gcode", store,
                             policy=UrlPolicy.from_allow(["127.0.0.2/32"]))
         assert server.hits and target.hits == []
     assert nothing_stored(store)
@@ -163,9 +163,9 @@ async def test_no_redirect_to_a_farm_node_even_in_an_allowed_range(store: FileSt
     policy = UrlPolicy.from_allow(["127.0.0.0/8"], own=["127.0.0.2"])
     async with serving() as server, serving("127.0.0.2") as node:
         with pytest.raises(FileStoreError, match="127.0.0.2 is a node of this farm"):
-            await fetch_url(f"{server.base}/redirect?to={node.base}/file.gcode", store, policy=policy)
+            await download_url(f"{server.base}/redirect?to={node.base}/file.gcode", store, policy=policy)
         with pytest.raises(FileStoreError, match="node of this farm"):
-            await fetch_url(f"{node.base}/file.gcode", store, policy=policy)
+            await download_url(f"{node.base}/file.gcode", store, policy=policy)
         assert node.hits == []
     assert nothing_stored(store)
 
@@ -175,7 +175,7 @@ async def test_a_trickling_server_is_dropped_by_the_rate_floor(store: FileStore)
         loop = asyncio.get_running_loop()
         began = loop.time()
         with pytest.raises(FileStoreError, match="fewer than 16384 bytes per second"):
-            await fetch_url(f"{server.base}/trickle", store, policy=LOOPBACK, limits=QUICK)
+            await download_url(f"{server.base}/trickle", store, policy=LOOPBACK, limits=QUICK)
         assert loop.time() - began < 3.0
     assert nothing_stored(store)
 
@@ -186,7 +186,7 @@ async def test_a_download_past_the_total_time_limit_is_dropped(store: FileStore)
         loop = asyncio.get_running_loop()
         began = loop.time()
         with pytest.raises(FileStoreError, match="not downloaded within 1 s"):
-            await fetch_url(f"{server.base}/endless", store, policy=LOOPBACK, limits=limits)
+            await download_url(f"{server.base}/endless", store, policy=LOOPBACK, limits=limits)
         assert loop.time() - began < 3.0
     assert nothing_stored(store)
 
@@ -194,9 +194,9 @@ async def test_a_download_past_the_total_time_limit_is_dropped(store: FileStore)
 async def test_too_large_or_wrong_hash_leaves_nothing(store: FileStore) -> None:
     async with serving() as server:
         with pytest.raises(FileStoreError, match="larger than 100 bytes|more than 100"):
-            await fetch_url(f"{server.base}/file.gcode", store, policy=LOOPBACK, max_bytes=100)
+            await download_url(f"{server.base}/file.gcode", store, policy=LOOPBACK, max_bytes=100)
         with pytest.raises(FileStoreError, match="does not match"):
-            await fetch_url(f"{server.base}/file.gcode", store, "0" * 64, policy=LOOPBACK)
+            await download_url(f"{server.base}/file.gcode", store, "0" * 64, policy=LOOPBACK)
     assert nothing_stored(store)
 
 
