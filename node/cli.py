@@ -263,6 +263,34 @@ def pair_code(
                      if data["address"] else ""), highlight=False, soft_wrap=True)
 
 
+
+async def _join_found(code: Any, interfaces: list[str] | None, timeout: float) -> Any:
+    """Pair with the member zeroconf finds that holds ``code``: other farms' members on the same network answer
+    that they have no such code (which uses nothing up), so those found are asked as they are found, until one
+    has it or ``timeout`` is over."""
+    from node.pairing import NoMemberHasCode, discover_members
+    from node.pairing import join as pair_with
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    tried: set[str] = set()
+    while True:
+        left = deadline - loop.time()
+        urls = [u for u in await discover_members(interfaces, timeout=max(left, 0.5)) if u not in tried]
+        if urls:
+            try:
+                return await pair_with(code, urls, timeout=timeout)
+            except NoMemberHasCode:
+                tried.update(urls)
+                if loop.time() < deadline:
+                    continue
+                raise
+        if loop.time() >= deadline:
+            raise NetqError("no member of this farm found on the network"
+                            + (f" (zeroconf on {', '.join(interfaces)})" if interfaces else "")
+                            + (f"; {len(tried)} member(s) of other farms asked" if tried else "")
+                            + ": is a member running? give --address HOST:PORT (`netq pair` prints it)")
+
 @app.command("join")
 def join_farm(
     code: Annotated[str, typer.Argument(help="The pairing code from `netq init` or `netq pair`, e.g. "
@@ -282,7 +310,6 @@ def join_farm(
     """Join a farm: fetch its key from a member with a pairing code (SPAKE2: the code never travels), keep it
     in the node's data directory."""
     from node.config import write_key_file
-    from node.pairing import discover_members
     from node.pairing import join as pair_with
     from shared.errors import ConfigError
     from shared.pairing import parse_code
@@ -296,14 +323,9 @@ def join_farm(
                               "replaces it (this node then leaves that farm)")
         if address:
             urls = [a if a.startswith("http://") else f"http://{a}" for a in address]
+            joined = await pair_with(parsed, urls, timeout=timeout)
         else:
-            interfaces = list(interface or settings.broker.interfaces) or None
-            urls = await discover_members(interfaces, timeout=timeout)
-            if not urls:
-                raise NetqError("no member of a farm found on the network"
-                                + (f" (zeroconf on {', '.join(interfaces)})" if interfaces else "")
-                                + ": is a member running? give --address HOST:PORT (`netq pair` prints it)")
-        joined = await pair_with(parsed, urls, timeout=timeout)
+            joined = await _join_found(parsed, list(interface or settings.broker.interfaces) or None, timeout)
         path = write_key_file(settings.data_dir, joined.key, replace=True)
         return {"farm_id": joined.farm_id, "member": joined.member, "key_file": str(path)}
 

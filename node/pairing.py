@@ -280,8 +280,14 @@ async def join(code: P.Code, urls: Sequence[str], *, timeout: float = 10.0) -> J
                               f"new one ({'; '.join(wrong)})")
     if other:
         raise NetqError("could not pair: " + "; ".join(other))
-    raise NetqError(f"no member has a pairing code numbered {code.slot} waiting ({missing} asked; codes last "
-                    f"{P.CODE_TTL_S / 60:g} minutes and one try): run `netq pair` on a member for a new one")
+    raise NoMemberHasCode(f"no member has a pairing code numbered {code.slot} waiting ({missing} asked; codes "
+                          f"last {P.CODE_TTL_S / 60:g} minutes and one try): run `netq pair` on a member for a "
+                          "new one")
+
+
+class NoMemberHasCode(NetqError):
+    """Every member asked answered that it has no code of that number (nothing was used up): members of other
+    farms on the same network, or the right member not found yet."""
 
 
 class _NoCode(Exception):

@@ -168,9 +168,16 @@ async def test_a_wrong_code_is_refused_and_uses_the_code_up(member: NodeAgent, t
 
 @pytest.mark.security
 async def test_netq_join_finds_the_member_with_zeroconf_on_loopback(tmp_path: Path) -> None:
+    # Another farm's member on the same network, up first: the joiner asks it, is told it has no such code, and
+    # goes on browsing (found by the acceptance check, where a farm of its own ran beside the tests: `netq join`
+    # asked only the members found in its first half second, and gave up).
+    other = ProcessFarm(1, root=tmp_path / "other", time_scale=200)
     farm = ProcessFarm(1, root=tmp_path / "farm", time_scale=200)
+    other.start()
     farm.start()
     try:
+        await until(lambda: (other.nodes[0].runtime() or {}).get("pair_address"), "the other farm's member", 60,
+                    context=other.logs)
         node = farm.nodes[0]
         await until(lambda: (node.runtime() or {}).get("pair_address"), "the member's pairing endpoint", 60,
                     context=farm.logs)
@@ -188,6 +195,7 @@ async def test_netq_join_finds_the_member_with_zeroconf_on_loopback(tmp_path: Pa
         assert read_key_file(tmp_path / "joiner") == farm.key
     finally:
         farm.stop()
+        other.stop()
 
 
 @pytest.mark.security
