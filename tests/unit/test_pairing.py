@@ -176,7 +176,9 @@ def test_an_eavesdropper_sees_neither_key_nor_code() -> None:
     raw = security.parse_key(KEY)
     assert KEY.encode() not in wire and KEY[5:].encode() not in wire
     assert raw not in wire and raw.hex().encode() not in wire
-    assert all(w.encode() not in wire for w in code.words) and code.verifier not in wire
+    # The words as they would be written (a single short word turns up in base64 by chance).
+    assert "-".join(code.words).encode() not in wire and code.verifier not in wire
+    assert all(b'"' + w.encode() + b'"' not in wire for w in code.words)
     assert P._b64(code.verifier).encode() not in wire
 
 
