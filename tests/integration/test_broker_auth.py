@@ -27,6 +27,7 @@ from node.client import FarmClient
 from shared import security
 from shared.errors import NetqError
 from shared.security import Role
+from tests import paho_thread
 from tests.waiting import until
 
 pytestmark = [pytest.mark.integration, pytest.mark.security, pytest.mark.timeout(60)]
@@ -100,8 +101,7 @@ class Client:
             await until(lambda: info.mid in self.published, f"PUBACK of {topic}", 10)
 
     async def close(self) -> None:
-        self.client.disconnect()
-        await asyncio.to_thread(self.client.loop_stop)
+        await asyncio.to_thread(paho_thread.stop, self.client)
 
 
 @pytest.fixture

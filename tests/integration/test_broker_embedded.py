@@ -15,6 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.embedded import EmbeddedBroker
 from shared.errors import BrokerError
+from tests import paho_thread
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
@@ -71,8 +72,7 @@ class PahoClient:
         await wait_until(lambda: self.subacks > before)
 
     async def close(self) -> None:
-        self.client.disconnect()
-        await asyncio.to_thread(self.client.loop_stop)
+        await asyncio.to_thread(paho_thread.stop, self.client)
 
 
 @pytest.fixture

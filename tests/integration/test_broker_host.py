@@ -13,6 +13,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from broker.choice import Action, Address, Decision, Timing
 from broker.host import BrokerHost, FixedBroker
 from shared.errors import BrokerError
+from tests import paho_thread
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
@@ -38,7 +39,7 @@ def mqtt_connects(address: Address) -> bool:
     try:
         return client.connect(*address, keepalive=5) == mqtt.MQTT_ERR_SUCCESS and client.loop(timeout=2) == 0
     finally:
-        client.disconnect()
+        paho_thread.stop(client)
 
 
 @pytest.fixture
@@ -145,8 +146,7 @@ async def test_two_live_brokers_converge_and_the_loser_drains(make_host: Callabl
         took = await wait_until(lambda: loser.hosting is None, timeout=TIMING.drain_timeout + 2)
         assert took > 0.5
     finally:
-        client.loop_stop()
-        client.disconnect()
+        paho_thread.stop(client)
     assert winner.address == loser.address == new and winner.hosting == new
 
 
