@@ -504,12 +504,19 @@ class Consensus:
             term, seq = self.applied
 
     def _apply(self, stamp: Stamp, writes: list[StoredObject], *, snapshot: bool, partial: bool = False) -> None:
-        if self.available:
-            self._keep_records(writes, snapshot=snapshot, partial=partial)
-        self.replica.apply(stamp, writes, snapshot=snapshot)
+        # The objects, `applied`, a snapshot's `base` and the records of a split go to disk in one transaction:
+        # a crash between a snapshot's objects and its base left a stale base, which a later merge counted.
+        meta: dict[str, Any] = {}
+        records = self._records_after(writes, snapshot=snapshot, partial=partial) if self.available else None
+        if records is not None:
+            meta["unconfirmed"] = self._records_json(records)
+        if snapshot:
+            meta["base"] = [stamp[0], 1]
+        self.replica.apply(stamp, writes, snapshot=snapshot, meta=meta)
+        if records is not None:
+            self.records = records
         if snapshot:
             self.base = (stamp[0], 1)
-            self.replica.set_meta(base=list(self.base))
             self.state.replace(writes)
         else:
             self.state.apply(writes)
@@ -1071,12 +1078,15 @@ class Consensus:
         """May a snapshot of ``term`` replace our state? Not while it may lack our records (available mode)."""
         return not self._must_offer(term) or self.node_id in merged
 
-    def _keep_records(self, writes: list[StoredObject], *, snapshot: bool, partial: bool) -> None:
-        """Before ``writes`` are applied: keep records of what a partial entry or snapshot changes here."""
+    def _records_after(
+        self, writes: list[StoredObject], *, snapshot: bool, partial: bool
+    ) -> dict[str, M.MergeRecord] | None:
+        """Before ``writes`` are applied: our records of the split once they are, if a partial entry or
+        snapshot changes them (else None); the caller stores them with the writes."""
         if self._settle_at is not None and not snapshot:
             self._touched_since.update(o.key for o in writes)
         if not partial:
-            return
+            return None
         # A key a snapshot does not hold is not recorded as deleted: the snapshot's arbiter may never have had
         # it (it was made on our side), and a deletion reaches a snapshot as a tombstone (None), which is.
         # Found by the LAN tests: a node that followed a lone arbiter for a while offered the jobs that arbiter
@@ -1084,8 +1094,7 @@ class Consensus:
         after: dict[str, dict[str, Any] | None] = {o.key: o.value for o in writes}
         before = {k: self.state.get(k) for k in after}
         records = M.record_changes(self.records, before, after)
-        if records != self.records:
-            self._store_records(records)
+        return records if records != self.records else None
 
     def _clear_records(self, why: str) -> None:
         if not self.records:
@@ -1096,7 +1105,11 @@ class Consensus:
     def _store_records(self, records: dict[str, M.MergeRecord]) -> None:
         """Our records, kept durably (replica meta ``unconfirmed``) before anything relies on them."""
         self.records = records
-        self.replica.set_meta(unconfirmed=[r.model_dump(mode="json") for r in records.values()])
+        self.replica.set_meta(unconfirmed=self._records_json(records))
+
+    @staticmethod
+    def _records_json(records: dict[str, M.MergeRecord]) -> list[dict[str, Any]]:
+        return [r.model_dump(mode="json") for r in records.values()]
 
     def _followers(self, leader: Leadership) -> set[str]:
         """Members that hold our term's snapshot (they acked a seq of it) and were heard lately, and us."""

@@ -120,11 +120,17 @@ class Replica:
             out.append(StoredObject(key=row["key"], stamp=(row["term"], row["seq"]), value=value))
         return out
 
-    def apply(self, stamp: Stamp, writes: list[StoredObject], *, snapshot: bool = False) -> None:
-        """Write one entry (or a whole snapshot) atomically, and move ``applied`` to ``stamp``."""
+    def apply(
+        self, stamp: Stamp, writes: list[StoredObject], *, snapshot: bool = False, meta: dict[str, Any] | None = None
+    ) -> None:
+        """Write one entry (or a whole snapshot) and move ``applied`` to ``stamp``, with any other metadata that
+        must change with them (``meta``: a snapshot's ``base``, the records of a split), in one transaction: a
+        crash leaves all of it or none."""
         rows = [
             (o.key, o.stamp[0], o.stamp[1], None if o.value is None else json.dumps(o.value)) for o in writes
         ]
+        names = [("applied", json.dumps(list(stamp)))]
+        names += [(name, json.dumps(value)) for name, value in (meta or {}).items()]
         try:
             with self.db.conn:
                 if snapshot:
@@ -132,8 +138,6 @@ class Replica:
                 self.db.conn.executemany(
                     "INSERT OR REPLACE INTO objects (key, term, seq, value) VALUES (?, ?, ?, ?)", rows
                 )
-                self.db.execute(
-                    "INSERT OR REPLACE INTO meta (name, value) VALUES ('applied', ?)", [json.dumps(list(stamp))]
-                )
+                self.db.conn.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", names)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot apply entry {stamp}: {exc}") from exc
