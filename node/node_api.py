@@ -38,6 +38,7 @@ from pydantic import Field
 
 from node.homeassistant.summary import material_label, parse_material
 from node.link.base import Message
+from node.node_view import NodeView
 from node.signing import StateSigning
 from shared import api
 from shared import protocol as P
@@ -45,7 +46,6 @@ from shared.errors import RequestError
 from shared.models import CopyState, JobCopy, Material, NodeId, WorkerState, job_key
 
 if TYPE_CHECKING:
-    from node.agent import NodeAgent
     from node.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def routing_error(path: str, payload: bytes, known: Callable[[str], bool]) -> st
 
 
 class NodeApi:
-    def __init__(self, agent: NodeAgent, *, release_timeout: float = RELEASE_TIMEOUT_S) -> None:
+    def __init__(self, agent: NodeView, *, release_timeout: float = RELEASE_TIMEOUT_S) -> None:
         self.agent = agent
         self.node_id = agent.node_id
         self.topics = agent.topics

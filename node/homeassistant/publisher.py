@@ -20,17 +20,15 @@ import json
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from node.homeassistant import discovery as D
 from node.homeassistant import summary as S
 from node.link.base import Link, Message
+from node.node_view import NodeView
 from node.signing import StateSigning
 from shared.models import job_key
 from shared.topics import Topics
-
-if TYPE_CHECKING:
-    from node.agent import NodeAgent
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +57,7 @@ def remove_node_entities(link: Link, topics: Topics, node_id: str) -> list[str]:
 
 
 class HomeAssistantPublisher:
-    def __init__(self, agent: NodeAgent, *, rng: random.Random | None = None,
+    def __init__(self, agent: NodeView, *, rng: random.Random | None = None,
                  min_interval: float = MIN_INTERVAL_S, announce_delay: float = ANNOUNCE_DELAY_S) -> None:
         self.agent = agent
         self.topics: Topics = agent.topics
