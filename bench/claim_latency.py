@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node.farm import ProcessFarm, gcode_for, mosquitto_broker
-from node.printers.simulated import read_journal
+from node.demo.farm import ProcessFarm, gcode_for, mosquitto_broker
+from node.worker.printers.simulated import read_journal
 from shared import security
 
 TIMING = {"heartbeat_s": 0.2, "election_timeout_s": 1.0, "lease_s": 10.0, "lock_delay_s": 1.0,

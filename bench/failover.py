@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10, help="samples of each kind (kill, cutoff)")
     parser.add_argument("--timing", choices=("default", "demo"), default="default",
-                        help="default: the product's TimingSettings; demo: node/demo.py's DEMO_TIMING")
+                        help="default: the product's TimingSettings; demo: node/demo/run.py's DEMO_TIMING")
     parser.add_argument("--keep", action="store_true", help="keep the farms' directories (logs, journals)")
     args = parser.parse_args(argv)
     reason = lan_unsupported()
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     timing: dict[str, float] = DEFAULT_TIMING
     if args.timing == "demo":
-        from node.demo import DEMO_TIMING
+        from node.demo.run import DEMO_TIMING
 
         timing = dict(DEMO_TIMING)
     root = Path(tempfile.mkdtemp(prefix="netq-failover-"))

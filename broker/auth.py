@@ -32,7 +32,7 @@ from typing import Any, Final
 from amqtt.contexts import Action, BaseContext  # type: ignore[import-untyped]
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin  # type: ignore[import-untyped]
 
-from shared import api, security
+from shared import farm_api, security
 from shared.errors import BrokerError, ProtocolError
 from shared.protocol import MAX_PROTO_PAYLOAD
 from shared.security import Role
@@ -113,7 +113,7 @@ class TopicPolicy:
         return (_within(t, self._b()) and not _within(t, self._b("_proto"))) or _within(t, self._h)
 
     def _membership(self, t: list[str]) -> bool:
-        return any(_within(t, self._b("request", *path.split("/"))) for path in sorted(api.MEMBERSHIP))
+        return any(_within(t, self._b("request", *path.split("/"))) for path in sorted(farm_api.MEMBERSHIP))
 
     def may_subscribe(self, role: Role, topic_filter: str) -> bool:
         """Whether a subscription may be made. A filter that reaches readable topics is allowed (``#`` too): its
@@ -135,7 +135,7 @@ class TopicPolicy:
         if role is Role.OPERATOR:
             return _within(t, request)
         if role is Role.VIEWER:
-            return any(t == self._b("request", *path.split("/")) for path in sorted(api.READING))
+            return any(t == self._b("request", *path.split("/")) for path in sorted(farm_api.READING))
         if role is Role.HOMEASSISTANT:
             if t == [*self._h, "status"]:  # Home Assistant's birth and will (not retained)
                 return True
@@ -156,11 +156,11 @@ class TopicPolicy:
 
     def reading_requests(self) -> list[str]:
         """The request topics a viewer may publish."""
-        return [f"{self.base}/request/{path}" for path in sorted(api.READING)]
+        return [f"{self.base}/request/{path}" for path in sorted(farm_api.READING)]
 
     def membership_requests(self) -> list[str]:
         """The request topics Home Assistant may not publish."""
-        return [f"{self.base}/request/{path}" for path in sorted(api.MEMBERSHIP)]
+        return [f"{self.base}/request/{path}" for path in sorted(farm_api.MEMBERSHIP)]
 
 
 # --- CONNECT -------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ plus events to report; none of them touches the network or the clock. The safety
 started (``printing``) only from ``claimed`` by the node that holds the grant, so once a grant is released
 its node can no longer get a start committed for it. A finish or release, too, is taken only from the node that
 holds the copy under the grant it names; that the node named is the node that sent it is the protocol seal's
-part (``node/consensus.py``).
+part (``node/consensus/consensus.py``).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@
   state wins; a copy both sides started is kept once, marked ``conflict``, and reported by a ``conflict``
   event — never hidden).
 
-No I/O here: the node (``node/consensus.py``) carries the decisions out.
+No I/O here: the node (``node/consensus/consensus.py``) carries the decisions out.
 """
 
 from __future__ import annotations

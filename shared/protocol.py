@@ -8,7 +8,7 @@ carry the entry's own stamp.
 
 On the wire every message is sealed by its sender (``shared.security``, trailer after the JSON); which sender a
 message must come from, which kinds each topic carries and how far a term may jump are also defined here, and
-``node/consensus.py`` applies them (docs/protocol.md, "Seals and what the protocol refuses").
+``node/consensus/consensus.py`` applies them (docs/protocol.md, "Seals and what the protocol refuses").
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ ProtoMessage = Annotated[
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(ProtoMessage)
 
 # The field that names a message's sender: the seal must name the same node (Snapshot and Replicate name none:
-# they must come from the arbiter of the term, node/consensus.py checks that).
+# they must come from the arbiter of the term, node/consensus/consensus.py checks that).
 SENDER_FIELD: Final[dict[type[Model], str]] = {
     Entry: "arbiter", Heartbeat: "arbiter", VoteRequest: "candidate", VoteReply: "voter", Ack: "node",
     SyncRequest: "node", Join: "node", WorkRequest: "node", StartRequest: "node", FinishReport: "node",

@@ -1,7 +1,7 @@
 """The one settings object of a node, validated once and passed down.
 
 Sources, later ones winning: defaults, a TOML file, environment variables (``NETQ_<SECTION>__<KEY>``), flags.
-Reading the file and the environment happens in :mod:`node.config`; this module only validates.
+Reading the file and the environment happens in :mod:`node.app.config`; this module only validates.
 """
 
 from __future__ import annotations

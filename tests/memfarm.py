@@ -12,14 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from node.arbiter import ArbiterServices
-from node.consensus import Consensus, Role
+from node.arbiter.scheduler_bridge import Scheduling
+from node.arbiter.services import ArbiterServices
+from node.consensus.consensus import Consensus, Role
+from node.consensus.replica import Replica
 from node.link.base import LinkOptions, Message, Will
 from node.link.memory import MemoryBroker, MemoryLink
-from node.printers.simulated import SimulatedPrinter
-from node.replica import Replica
-from node.scheduling import Scheduling
-from node.worker import Worker
+from node.worker.printers.simulated import SimulatedPrinter
+from node.worker.worker import Worker
 from shared import protocol as P
 from shared import security
 from shared.errors import ProtocolError

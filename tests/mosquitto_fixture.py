@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from node.farm import mosquitto_broker
+from node.demo.farm import mosquitto_broker
 
 
 def require_tool(name: str) -> str:

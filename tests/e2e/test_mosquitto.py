@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from node.demo import DEMO_TIMING
-from node.farm import ProcessFarm, gcode_for, mosquitto_broker
+from node.demo.farm import ProcessFarm, gcode_for, mosquitto_broker
+from node.demo.run import DEMO_TIMING
 from shared import security
 from shared.security import Role
 from tests.mosquitto_fixture import require_tool

@@ -54,7 +54,7 @@ async def mosquitto_with_credentials() -> AsyncIterator[int]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NETQ_")}
     env.update(NETQ_FARM__KEY=KEY_TEXT, NETQ_DATA_DIR=str(folder / "data"), PYTHONPATH=str(REPO))
     made = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "node.cli", "credentials", "mosquitto", "--out", str(folder / "conf"), "--listen",
+        sys.executable, "-m", "node.app.cli", "credentials", "mosquitto", "--out", str(folder / "conf"), "--listen",
         f"127.0.0.1:{port}", env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, _ = await asyncio.wait_for(made.communicate(), 60)
     assert made.returncode == 0, out.decode()

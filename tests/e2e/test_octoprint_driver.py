@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from node.printers.base import PrinterState
-from node.printers.octoprint import OctoPrintDriver
+from node.worker.printers.base import PrinterState
+from node.worker.printers.octoprint import OctoPrintDriver
 from shared.errors import PrinterError, PrinterOffline
 from tests.octoprint_fixture import OctoPrintFactory, OctoPrintServer
 from tests.waiting import printer_reaches

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import requests
 
-from node.client import FarmClient
-from node.farm import NodeProc, ProcessFarm
+from node.app.client import FarmClient
+from node.demo.farm import NodeProc, ProcessFarm
 from shared.errors import NetqError
 from tests.octoprint_fixture import OctoPrintFactory, OctoPrintServer
 from tests.waiting import until as _until

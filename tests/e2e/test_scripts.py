@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from node.client import FarmClient
-from node.demo import DEMO_TIMING
-from node.farm import NodeProc, ProcessFarm, gcode_for, mosquitto_broker
+from node.app.client import FarmClient
+from node.demo.farm import NodeProc, ProcessFarm, gcode_for, mosquitto_broker
+from node.demo.run import DEMO_TIMING
 from shared import security
 from shared.security import Role
 from tests.mosquitto_fixture import require_tool

@@ -8,8 +8,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from node import node_api
-from shared import api
+from node.app import node_commands
+from shared import farm_api
 
 SHA = "ab" * 32
 
@@ -70,8 +70,8 @@ TEMPLATES: dict[str, dict[str, Any]] = {
     "node/release": {"node": "n1", "pause": True},
     "node/material": {"node": "n1", "tool": 0, "material": "PLA:red"},
 }
-API_PATHS = sorted([*api.MUTATING, *api.READING])
-NODE_PATHS = sorted(node_api.NODE_COMMANDS)
+API_PATHS = sorted([*farm_api.MUTATING, *farm_api.READING])
+NODE_PATHS = sorted(node_commands.NODE_COMMANDS)
 ALL_PATHS = API_PATHS + NODE_PATHS  # tests/fuzz/test_fuzz_requests.py checks each has a template
 
 
@@ -114,6 +114,6 @@ def payloads(draw: st.DrawFn, path: str) -> bytes:
         return draw(st.sampled_from([b"default", b"n1", b"42", b"null", b"[]", b'"x"', b"\xff\xfe", b"  ",
                                      b"NaN", b'{"a": NaN}', b"Infinity", b"{" * 100_000, b"[" * 100_000]))
     if kind == "big":
-        return b'{"x": "' + b"a" * draw(st.sampled_from([api.MAX_REQUEST_BYTES - 10, api.MAX_REQUEST_BYTES + 1]))\
+        return b'{"x": "' + b"a" * draw(st.sampled_from([farm_api.MAX_REQUEST_BYTES - 10, farm_api.MAX_REQUEST_BYTES + 1]))\
             + b'"}'
     return encode(draw(hostile_body(path)))

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node import node_api
+from node.app import node_commands
+from node.app.node_commands import NodeCommands
 from node.link.base import Message
-from node.node_api import NodeApi
-from shared import api
+from shared import farm_api
 from shared.errors import RequestError
 from shared.models import (
     CopyState,
@@ -64,8 +64,8 @@ def _farm_state() -> FarmState:
 STATE = _farm_state()
 
 
-def _context() -> api.Context:
-    return api.Context(now=1e9, new_id=lambda: "fzid", nodes={"n1": {"node_id": "n1", "state": "online"}},
+def _context() -> farm_api.Context:
+    return farm_api.Context(now=1e9, new_id=lambda: "fzid", nodes={"n1": {"node_id": "n1", "state": "online"}},
                        info={"arbiter": "n1", "term": 1}, reachable=frozenset({"n1", "n2"}))
 
 
@@ -84,15 +84,15 @@ def test_api_requests_are_handled_or_refused_and_never_change_the_state_they_rea
     payload = data.draw(payloads(path), label="payload")
     ran("api decode+handle (pure)")
     try:
-        body, txn = api.parse_envelope(path, payload)
-        handler = api.MUTATING.get(path) or api.READING[path]
+        body, txn = farm_api.parse_envelope(path, payload)
+        handler = farm_api.MUTATING.get(path) or farm_api.READING[path]
         out = handler(STATE, body, _context())
     except RequestError as exc:
-        assert json.loads(api.response("error", {}, None, str(exc)))["status"] == "error"
+        assert json.loads(farm_api.response("error", {}, None, str(exc)))["status"] == "error"
         assert _snapshot(STATE) == BEFORE
         return
     assert _snapshot(STATE) == BEFORE  # pure: the arbiter commits the writes, the handler never applies them
-    json.loads(api.response("ok", out.data, txn))
+    json.loads(farm_api.response("ok", out.data, txn))
     for key, value in out.writes:  # what an accepted request writes is a valid record
         StoredObject(key=key, stamp=(2, 1), value=value)
         if value is not None:
@@ -105,15 +105,15 @@ def test_api_requests_are_handled_or_refused_and_never_change_the_state_they_rea
 def test_node_commands_are_routed_or_refused(path: str, data: st.DataObject) -> None:
     payload = data.draw(payloads(path), label="payload")
     ran("node command decode (pure)")
-    error = node_api.routing_error(path, payload, lambda n: n in ("n1", "n2"))
+    error = node_commands.routing_error(path, payload, lambda n: n in ("n1", "n2"))
     if error is not None:
         assert isinstance(error, str) and error
         return
-    body, _, node = node_api.addressee(path, payload)
+    body, _, node = node_commands.addressee(path, payload)
     assert node in ("n1", "n2")
     try:
-        node_api._MODELS[path].model_validate_json(json.dumps(body))
-        api._model(node_api._MODELS[path], body)
+        node_commands._MODELS[path].model_validate_json(json.dumps(body))
+        farm_api._model(node_commands._MODELS[path], body)
     except (RequestError, ValueError):
         pass
 
@@ -183,7 +183,7 @@ def test_api_requests_through_the_arbiter(tmp_path: Path) -> None:
             payload = _with_txn(data.draw(payloads(path), label="payload"), f"fz{next(txns)}")
             ran("api through the arbiter")
             try:
-                api.parse_envelope(path, payload)
+                farm_api.parse_envelope(path, payload)
                 decodes = True
             except RequestError:
                 decodes = False
@@ -217,7 +217,7 @@ def test_node_commands_through_the_farm(tmp_path: Path) -> None:
         for name in ("node_id", "topics", "link", "worker", "settings", "consensus", "replica"):
             setattr(shim, name, getattr(node, name))
         shim.schedule_publish = lambda: None
-        commands = NodeApi(shim, release_timeout=1.0)
+        commands = NodeCommands(shim, release_timeout=1.0)
         loop.run_until_complete(commands.start())
         try:
             @FUZZ

@@ -23,7 +23,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from broker.auth import FarmAccess, TopicPolicy
 from broker.embedded import EmbeddedBroker
-from node.client import FarmClient
+from node.app.client import FarmClient
 from shared import security
 from shared.errors import NetqError
 from shared.security import Role

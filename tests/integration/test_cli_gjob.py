@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from node.demo import DEMO_TIMING
-from node.farm import NodeProc, ProcessFarm, gcode_for
+from node.demo.farm import NodeProc, ProcessFarm, gcode_for
+from node.demo.run import DEMO_TIMING
 from shared.errors import NetqError
 from shared.gjob import GjobSet, Manifest, read_gjob, write_gjob
 from tests.waiting import until as _until
@@ -41,7 +41,7 @@ async def farm() -> AsyncIterator[ProcessFarm]:
 
 def netq(node: NodeProc, *args: str) -> str:
     """Run the CLI as a user on ``node``'s host would (its config names the local node)."""
-    proc = subprocess.run([sys.executable, "-m", "node.cli", *args, "--config", str(node.config_path)],
+    proc = subprocess.run([sys.executable, "-m", "node.app.cli", *args, "--config", str(node.config_path)],
                           check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"netq {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from node.client import FarmClient
-from node.demo import DEMO_TIMING
-from node.farm import ProcessFarm
+from node.app.client import FarmClient
+from node.demo.farm import ProcessFarm
+from node.demo.run import DEMO_TIMING
 from shared.errors import NetqError
 from tests.waiting import until as _until
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from node.agent import NodeAgent
+from node.app.agent import NodeAgent
 from node.files.fetch import fetch
 from node.files.http import FileServer, may
 from node.files.store import FileStore, MiB
-from node.upload import upload_file
+from node.files.upload import upload_file
 from shared import security
 from shared.errors import FileStoreError
 from shared.security import Role

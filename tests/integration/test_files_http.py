@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from node.agent import NodeAgent
-from node.client import FarmClient
+from node.app.agent import NodeAgent
+from node.app.client import FarmClient
 from node.files.analysis import analyse
 from node.files.fetch import download_url, fetch
 from node.files.http import FileServer

@@ -1,6 +1,6 @@
 """Node-addressed commands and the Home Assistant publisher, with real node agents over a real amqtt broker.
 
-Each test runs in-process :class:`node.agent.NodeAgent` s (simulated printers, ``broker.url`` set, so no
+Each test runs in-process :class:`node.app.agent.NodeAgent` s (simulated printers, ``broker.url`` set, so no
 zeroconf) on 127.0.0.1 and talks to them only through MQTT, as a script or Home Assistant would.
 """
 
@@ -13,17 +13,18 @@ import json
 import subprocess
 import sys
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-from node.agent import NodeAgent
-from node.client import FarmClient
-from node.homeassistant import discovery as D
-from node.homeassistant.publisher import remove_node_entities
+from node.app.agent import NodeAgent
+from node.app.client import FarmClient
+from node.integrations.homeassistant import discovery as D
+from node.integrations.homeassistant.publisher import remove_node_entities
 from node.link.base import Message
 from shared import security
 from shared.models import CopyState, Material, WorkerState, job_key
@@ -112,6 +113,19 @@ class Farm:
         return dict(json.loads(msg.payload))
 
 
+@contextmanager
+def amqtt_server_leaks() -> Iterator[None]:
+    """Around stopping a node mid-test: amqtt 0.12.1 never closes the server side of a connection whose client
+    disconnects while a QoS 1 delivery to it is in flight (a stopping node publishes its retained "offline"
+    state to a topic it is subscribed to, then disconnects), and now and then its session handler dies of
+    "dictionary changed size during iteration" with the same effect. Those sockets are collected here, their
+    ResourceWarning ignored: it is not ours, and must not fail whichever later test the collector runs in."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        yield
+        gc.collect()
+
+
 @pytest.fixture
 async def broker() -> AsyncIterator[tuple[str, int]]:
     """A real amqtt broker on 127.0.0.1 and a free port."""
@@ -120,14 +134,8 @@ async def broker() -> AsyncIterator[tuple[str, int]]:
     try:
         yield server.address
     finally:
-        await server.stop()
-        # amqtt 0.12.1 never closes the server side of a connection whose client disconnects while a QoS 1
-        # delivery to it is in flight (a stopping node publishes its retained "offline" state to a topic it is
-        # subscribed to, then disconnects). Collect those sockets here, so that their ResourceWarning is not
-        # raised in whichever later test the garbage collector happens to run in.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
+        with amqtt_server_leaks():
+            await server.stop()
 
 
 @pytest.fixture
@@ -232,7 +240,8 @@ async def test_pause_resume_and_materials_survive_a_restart(farm: Farm) -> None:
     assert n1.worker.state == WorkerState.PAUSED  # answered once the worker shows it
     await until(lambda: farm.arbiter().nodes.get("n1", {}).get("worker") == "paused", "the state published")
     job = await farm.job("n1")
-    await n1.stop()
+    with amqtt_server_leaks():
+        await n1.stop()
     n1 = await farm.start("n1", materials=[{"type": "PLA"}])
     assert n1.worker is not None
     await until(farm.arbiter, "n1 serving again")
@@ -341,7 +350,8 @@ async def test_discovery_is_stable_across_restarts_and_retired_nodes_are_removed
     assert len(before) == 12
     assert "homeassistant/select/netq_n2/material_1/config" in before
 
-    await n2.stop()
+    with amqtt_server_leaks():
+        await n2.stop()
     n2 = await farm.start("n2", materials=[{"type": "PLA"}, None])
     summary = "netq/nodes/n2/summary"
     client.watch(summary)
@@ -349,11 +359,13 @@ async def test_discovery_is_stable_across_restarts_and_retired_nodes_are_removed
     assert _configs(client.retained, "netq_n2") == before  # the same entities: updated in place
 
     # One tool fewer in its config: that select is removed with an empty retained config.
-    await n2.stop()
+    with amqtt_server_leaks():
+        await n2.stop()
     n2 = await farm.start("n2", materials=[{"type": "PLA"}])
     await until(lambda: "homeassistant/select/netq_n2/material_1/config" not in client.retained, "tool 2 gone")
 
-    await n2.stop()
+    with amqtt_server_leaks():
+        await n2.stop()
     cleared = remove_node_entities(client.link, client.topics, "n2")
     assert set(before) <= set(cleared)
     await until(lambda: not _configs(client.retained, "netq_n2") and summary not in client.retained,
@@ -363,7 +375,7 @@ async def test_discovery_is_stable_across_restarts_and_retired_nodes_are_removed
 
 def _netq(broker: tuple[str, int], *args: str) -> Any:
     """Run the ``netq`` command line, as a person would, against the broker; its --json output."""
-    proc = subprocess.run([sys.executable, "-m", "node.cli", *args, "--broker", f"mqtt://{broker[0]}:{broker[1]}",
+    proc = subprocess.run([sys.executable, "-m", "node.app.cli", *args, "--broker", f"mqtt://{broker[0]}:{broker[1]}",
                            "--json"], check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"netq {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return json.loads(proc.stdout)
@@ -405,14 +417,12 @@ async def test_netq_node_retire_removes_the_member_its_entities_and_its_state(fa
     assert victim not in arbiter.consensus.members
 
     # Stopped, it leaves no record behind, and is no longer listed at all. (Stopping a node mid-test leaks
-    # amqtt's server side of its connection, see the broker fixture: its ResourceWarning is not ours.)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
+    # amqtt's server side of its connection: amqtt_server_leaks says why.)
+    with amqtt_server_leaks():
         await retired.stop()
         del farm.agents[victim]
         await until(lambda: state not in client.retained, f"{victim}'s retained state cleared")
         listed = await asyncio.to_thread(_netq, farm.broker, "nodes")
-        gc.collect()
     assert victim not in {n["node_id"] for n in listed["nodes"]}
     assert sum(1 for n in listed["nodes"] if n["enrolled"]) == 2
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from node.agent import NodeAgent
-from node.config import load_settings, read_key_file
-from node.farm import ProcessFarm
+from node.app.agent import NodeAgent
+from node.app.config import load_settings, read_key_file
+from node.app.pairing import PAIRING_FILE, issue_code, read_pending
+from node.demo.farm import ProcessFarm
 from node.link.base import LinkOptions
 from node.link.memory import MemoryBroker, MemoryLink
-from node.pairing import PAIRING_FILE, issue_code, read_pending
 from shared import pairing as P
 from shared import security
 from shared.settings import Settings
@@ -37,7 +37,7 @@ async def netq(*args: str, home: Path, timeout: float = 60.0) -> tuple[int, str,
     """Run the real command line in a child process (this loop keeps serving the in-process agent)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NETQ_")}
     env.update(HOME=str(home), PYTHONUNBUFFERED="1")
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "node.cli", *args, cwd=ROOT, env=env,
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "node.app.cli", *args, cwd=ROOT, env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                                                 stdin=asyncio.subprocess.DEVNULL)
     try:
@@ -219,7 +219,7 @@ async def test_an_open_farm_says_so_at_start_up(tmp_path: Path, caplog: pytest.L
                                broker={"url": f"mqtt://{server.host}:{server.port}"}, timing=TIMING,
                                printer={"driver": "none"}, files={"bind": "127.0.0.1", "port": 0}))
     try:
-        with caplog.at_level(logging.WARNING, logger="node.agent"):
+        with caplog.at_level(logging.WARNING, logger="node.app.agent"):
             await agent.start()
         assert any("farm is OPEN" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
         assert agent.pairing is None and agent.pair_address is None  # an open farm has no key to share

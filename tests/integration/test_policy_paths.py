@@ -1,7 +1,7 @@
 """One G-code policy on every path a file takes: every rule refused on every path, with the line and the rule.
 
 Paths: ``POST /files`` (the real FileServer on 127.0.0.1), ``job/add`` by sha256 (real node agents over a real
-amqtt broker: the arbiter checks a holder's scan, its own or over HTTP), by URL (node/job_from_url.py against
+amqtt broker: the arbiter checks a holder's scan, its own or over HTTP), by URL (node/arbiter/url_jobs.py against
 a real HTTP server), ``.gjob`` import (node/files/archive.py, and shared/gjob.py as ``netq add`` reads one),
 ``netq add`` (the CLI's check before it uploads), and the worker right before the printer is called (the
 in-memory farm, whose arbiter has no store and so cannot refuse at submission: the worker is the last line).
@@ -23,16 +23,16 @@ import pytest
 from aiohttp import web
 from typer.testing import CliRunner
 
-from node.agent import NodeAgent
-from node.cli import _policy_precheck, app
-from node.client import FarmClient
+from node.app.agent import NodeAgent
+from node.app.cli import _policy_precheck, app
+from node.app.client import FarmClient
+from node.arbiter.url_jobs import resolve
 from node.files.analysis import Verdicts
 from node.files.archive import import_gjob
 from node.files.holder_check import check_job_files
 from node.files.http import FileServer, bearer_header
 from node.files.store import FileStore
 from node.files.url_guard import UrlPolicy
-from node.job_from_url import resolve
 from shared import security
 from shared.errors import ArchiveError, RequestError
 from shared.gcode_policy import PolicyError

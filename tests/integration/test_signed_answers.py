@@ -2,7 +2,7 @@
 
 An intruder (here: a client with the ``operator`` credential, on a broker whose ACL lets it write where it
 should not — the case the signatures are for) answers a request before the arbiter does, replaces a node's
-retained state, or moves a genuine signed message to another topic. A :class:`node.client.FarmClient` given the
+retained state, or moves a genuine signed message to another topic. A :class:`node.app.client.FarmClient` given the
 farm's public state key ignores all of it and returns the farm's own answer; one without the key is fooled,
 which shows each attack does reach the client.
 """
@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from node.agent import NodeAgent
-from node.client import FarmClient
+from node.app.agent import NodeAgent
+from node.app.client import FarmClient
 from node.link.base import Message
-from node.signing import StateSigning, is_signed_topic
-from shared import api, security
+from node.link.signing import StateSigning, is_signed_topic
+from shared import farm_api, security
 from shared.errors import NetqError
 from shared.settings import FarmSettings, Settings
 from shared.topics import Topics
@@ -117,7 +117,7 @@ def answer_first(intruder: FarmClient, path: str, forge: Callable[[str], bytes])
 
 def _forged_pause(txn: str) -> bytes:
     return INTRUDER.sign_payload(T.response("queue/pause"),
-                                 api.response("ok", {"namespace": "default", "paused": False}, txn))
+                                 farm_api.response("ok", {"namespace": "default", "paused": False}, txn))
 
 
 @pytest.mark.security
@@ -148,7 +148,7 @@ async def test_an_unsigned_answer_is_refused_with_the_key_and_accepted_without(f
     await farm.start("n1")
     await farm.ready(1)
     intruder = await farm.client(state_key=None)
-    unsigned = answer_first(intruder, "queue/resume", lambda txn: api.response(
+    unsigned = answer_first(intruder, "queue/resume", lambda txn: farm_api.response(
         "ok", {"namespace": "default", "paused": True, "by": "intruder"}, txn))
     client = await farm.client()
     await client.request("health_check")

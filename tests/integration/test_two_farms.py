@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from node.demo import DEMO_TIMING
-from node.farm import ProcessFarm
+from node.demo.farm import ProcessFarm
+from node.demo.run import DEMO_TIMING
 from shared import security
 from shared.errors import NetqError
 from tests.waiting import until as _until
@@ -71,7 +71,7 @@ async def test_two_farms_on_one_loopback_each_see_only_their_members_and_print_o
 
 
 async def test_a_client_with_another_farms_credentials_is_refused(two_farms: tuple[ProcessFarm, ProcessFarm]) -> None:
-    from node.client import FarmClient
+    from node.app.client import FarmClient
 
     a, b = two_farms
     ca = await a.client(timeout=60)

@@ -1,6 +1,6 @@
 """URL jobs against real HTTP servers on 127.0.0.1 (port 0): what they may not reach, how long they may take,
 and that bytes breaking a rule are deleted, never stored (node/files/fetch.py ``download_url``,
-node/job_from_url.py). Only loopback is reachable here, so the allow path puts 127.0.0.1/32 in url_allow.
+node/arbiter/url_jobs.py). Only loopback is reachable here, so the allow path puts 127.0.0.1/32 in url_allow.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from node.arbiter.url_jobs import resolve
 from node.files.fetch import download_url
 from node.files.store import FileStore
 from node.files.url_guard import UrlLimits, UrlPolicy
-from node.job_from_url import resolve
 from shared.errors import FileStoreError, RequestError
 from tests.memfarm import MemFarm
 

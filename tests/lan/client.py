@@ -34,8 +34,8 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 from broker.advert import SERVICE_TYPE, advert_from_properties
 from broker.choice import Address
 from broker.host import tcp_reachable
-from node.client import FarmClient
-from node.farm import gcode_for
+from node.app.client import FarmClient
+from node.demo.farm import gcode_for
 from shared import security
 from shared.errors import NetqError, ProtocolError, RequestError
 

@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from node.farm import render_toml
-from node.printers.simulated import StartRecord, read_journal
+from node.demo.farm import render_toml
+from node.worker.printers.simulated import StartRecord, read_journal
 from shared import security
 
 log = logging.getLogger(__name__)

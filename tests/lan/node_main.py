@@ -8,10 +8,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from node.cli import main
-from node.consensus import Consensus
+from node.app.cli import main
+from node.consensus.consensus import Consensus
 
-DEBUG_LOGGERS = ("broker.host", "broker.advert", "node.consensus", "node.arbiter", "node.worker", "lan.trace")
+DEBUG_LOGGERS = ("broker.host", "broker.advert", "node.consensus.consensus", "node.arbiter.services", "node.worker.worker", "lan.trace")
 trace = logging.getLogger("lan.trace")
 
 

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from node.consensus import Role
+from node.consensus.consensus import Role
 from node.link.base import LinkOptions, Message
 from node.link.memory import MemoryLink
 from shared.settings import SafetyMode

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.consensus import Consensus
+from node.consensus.consensus import Consensus
+from node.consensus.replica import Replica
 from node.link.base import LinkOptions, Message
 from node.link.memory import MemoryBroker, MemoryLink
-from node.replica import Replica
 from shared import merge as M
 from shared import protocol as P
 from shared import security

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from node.consensus import Consensus
+from node.consensus.consensus import Consensus
+from node.consensus.replica import Replica
 from node.link.base import LinkOptions, Message
 from node.link.memory import MemoryBroker, MemoryLink
-from node.replica import Replica
 from shared import protocol as P
 from shared import security
 from shared.models import StoredObject

@@ -40,7 +40,7 @@ def _copy(farm: MemFarm, job_id: str) -> Callable[[], JobCopy | None]:
 
 async def test_a_claimed_copy_goes_back_to_the_queue_and_the_retired_node_cannot_rejoin(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="node.arbiter")
+    caplog.set_level(logging.DEBUG, logger="node.arbiter.services")
     farm = MemFarm(tmp_path, 3, timing=LONG_LEASE)
     _no_jobs_for(farm.nodes[0])
     fetched = asyncio.Event()  # until set, a granted copy stays claimed: its files never arrive

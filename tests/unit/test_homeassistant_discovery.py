@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from node.homeassistant import discovery as D
-from node.homeassistant.summary import HA_STATES
+from node.integrations.homeassistant import discovery as D
+from node.integrations.homeassistant.summary import HA_STATES
 from shared.topics import Topics
 
 ABBREVIATIONS = {

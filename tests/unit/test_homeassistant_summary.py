@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from node import node_api
-from node.homeassistant import discovery as D
-from node.homeassistant import summary as S
-from shared import api
+from node.app import node_commands
+from node.integrations.homeassistant import discovery as D
+from node.integrations.homeassistant import summary as S
+from shared import farm_api
 from shared.errors import RequestError
 from shared.models import (
     Capabilities,
@@ -142,10 +142,10 @@ def test_farm_summary_counts_queues_printing_and_attention() -> None:
 
 
 # --- Home Assistant's commands are node API requests -------------------------------------------------------
-def _request(path: str, payload: str) -> tuple[type[api.Req], Any]:
-    body, _, node = node_api.addressee(path, payload.encode())
+def _request(path: str, payload: str) -> tuple[type[farm_api.Req], Any]:
+    body, _, node = node_commands.addressee(path, payload.encode())
     assert node == "n1"
-    return node_api._MODELS[path], api._model(node_api._MODELS[path], body)
+    return node_commands._MODELS[path], farm_api._model(node_commands._MODELS[path], body)
 
 
 def test_button_switch_and_select_payloads_are_valid_node_requests() -> None:
@@ -155,7 +155,7 @@ def test_button_switch_and_select_payloads_are_valid_node_requests() -> None:
         if "cmd_t" not in payload:
             continue
         path = payload["cmd_t"].removeprefix("~/request/")
-        assert path in node_api.NODE_COMMANDS, topic
+        assert path in node_commands.NODE_COMMANDS, topic
         if "pl_prs" in payload:
             _request(path, payload["pl_prs"])
         if "pl_on" in payload:
@@ -169,33 +169,33 @@ def test_button_switch_and_select_payloads_are_valid_node_requests() -> None:
                 assert S.parse_material(req.material) == S.parse_material(option)
 
 
-@pytest.mark.parametrize("path", node_api.BARE_NODE_COMMANDS)
+@pytest.mark.parametrize("path", node_commands.BARE_NODE_COMMANDS)
 def test_single_parameter_node_commands_take_a_bare_node_id(path: str) -> None:
-    assert node_api.addressee(path, b"n2\n")[2] == "n2"
-    assert node_api.addressee(path, b'"n2"')[2] == "n2"
-    assert node_api.addressee(path, b"42")[2] == "42"  # text, not a number
+    assert node_commands.addressee(path, b"n2\n")[2] == "n2"
+    assert node_commands.addressee(path, b'"n2"')[2] == "n2"
+    assert node_commands.addressee(path, b"42")[2] == "42"  # text, not a number
     with pytest.raises(RequestError):
-        node_api.addressee("node/accept_jobs", b"n2")  # two parameters: JSON only
+        node_commands.addressee("node/accept_jobs", b"n2")  # two parameters: JSON only
 
 
 def test_bare_values_of_the_arbiters_single_parameter_requests() -> None:
-    assert api.parse_envelope("queue/pause", b"my-queue") == ({"namespace": "my-queue"}, None)
-    assert api.parse_envelope("job/remove", b"123") == ({"id": "123"}, None)
-    assert api.parse_envelope("queue/list", b"") == ({}, None)
+    assert farm_api.parse_envelope("queue/pause", b"my-queue") == ({"namespace": "my-queue"}, None)
+    assert farm_api.parse_envelope("job/remove", b"123") == ({"id": "123"}, None)
+    assert farm_api.parse_envelope("queue/list", b"") == ({}, None)
     with pytest.raises(RequestError):
-        api.parse_envelope("job/add", b"abc")
+        farm_api.parse_envelope("job/add", b"abc")
     with pytest.raises(RequestError):
-        api.parse_envelope("queue/pause", b"[1]")
+        farm_api.parse_envelope("queue/pause", b"[1]")
 
 
 def test_routing_errors_for_requests_no_node_answers() -> None:
     known = {"n1", "n2"}.__contains__
-    assert node_api.routing_error("node/pause", b"n1", known) is None
-    assert node_api.routing_error("node/accept_jobs", b'{"node": "n2", "accept": "x"}', known) is None  # n2 says
-    assert "no node 'n9'" in (node_api.routing_error("node/pause", b"n9", known) or "")
-    assert "give the node" in (node_api.routing_error("node/accept_jobs", b'{"accept": true}', known) or "")
-    assert node_api.routing_error("node/pause", b'{"node": "a/b"}', known)
-    assert node_api.routing_error("node/material", b"{oops", known)
+    assert node_commands.routing_error("node/pause", b"n1", known) is None
+    assert node_commands.routing_error("node/accept_jobs", b'{"node": "n2", "accept": "x"}', known) is None  # n2 says
+    assert "no node 'n9'" in (node_commands.routing_error("node/pause", b"n9", known) or "")
+    assert "give the node" in (node_commands.routing_error("node/accept_jobs", b'{"accept": true}', known) or "")
+    assert node_commands.routing_error("node/pause", b'{"node": "a/b"}', known)
+    assert node_commands.routing_error("node/material", b"{oops", known)
 
 
 # --- templates, rendered as Home Assistant does (Jinja) ----------------------------------------------------
@@ -256,7 +256,7 @@ def test_farm_templates_render_against_the_farm_summary() -> None:
 def test_the_api_reference_covers_every_request_and_script() -> None:
     root = Path(__file__).resolve().parents[2]
     doc = (root / "docs" / "mqtt-api.md").read_text()
-    for path in [*api.MUTATING, *api.READING, *node_api.NODE_COMMANDS]:
+    for path in [*farm_api.MUTATING, *farm_api.READING, *node_commands.NODE_COMMANDS]:
         assert f"`{path}`" in doc or f"request/{path}" in doc, path
     for script in (root / "deploy" / "scripts").glob("netq-*.sh"):
         assert script.name in doc or script.name == "netq-lib.sh", script.name

@@ -13,7 +13,7 @@ from node.files.job_sets import (
     material_from_key,
     read_meta,
 )
-from node.worker import missing_materials, parse_print_name, print_name
+from node.worker.worker import missing_materials, parse_print_name, print_name
 from shared.gjob import GjobSet, Manifest
 from shared.models import Material
 

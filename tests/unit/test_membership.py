@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared import api, claims, membership
+from shared import claims, farm_api, membership
 from shared.errors import RequestError
 from shared.models import Capabilities, CopyState, Member, StoredObject, member_key
 from shared.state import FarmState, committed_seq, has_quorum
@@ -25,8 +25,8 @@ def _apply(state: FarmState, writes: list[tuple[str, dict[str, object] | None]],
 
 
 def _add_job(state: FarmState, job_id: str, seq: int) -> None:
-    out = api.job_add(state, {"id": job_id, "sets": [{"file": "a.gcode", "sha256": SHA, "holders": ["n1"]}]},
-                      api.Context(now=0.0, new_id=str))
+    out = farm_api.job_add(state, {"id": job_id, "sets": [{"file": "a.gcode", "sha256": SHA, "holders": ["n1"]}]},
+                      farm_api.Context(now=0.0, new_id=str))
     _apply(state, out.writes, seq)
 
 
@@ -126,18 +126,18 @@ def test_the_last_printer_and_an_already_retired_member_are_refused() -> None:
 
 def test_the_request_goes_through_the_api_with_a_bare_node_id() -> None:
     state = _farm("n1", "n2", "n3")
-    body, txn = api.parse_envelope("node/retire", b"n3")
+    body, txn = farm_api.parse_envelope("node/retire", b"n3")
     assert (body, txn) == ({"node": "n3"}, None)
-    ctx = api.Context(now=5.0, new_id=str, info={"arbiter": "n1"}, reachable=frozenset({"n1", "n2", "n3"}))
-    out = api.MUTATING["node/retire"](state, body, ctx)
+    ctx = farm_api.Context(now=5.0, new_id=str, info={"arbiter": "n1"}, reachable=frozenset({"n1", "n2", "n3"}))
+    out = farm_api.MUTATING["node/retire"](state, body, ctx)
     assert out.data == {"node": "n3", "members": ["n1", "n2"], "released": [], "orphaned": []}
     assert out.events == [{"event": "retired", "node": "n3", "witness": False}]
     with pytest.raises(RequestError, match="node"):
-        api.MUTATING["node/retire"](state, {"node": "../x"}, ctx)
+        farm_api.MUTATING["node/retire"](state, {"node": "../x"}, ctx)
     _apply(state, out.writes, 9)
-    listed = api.node_list(state, {}, api.Context(now=6.0, new_id=str, nodes={
+    listed = farm_api.node_list(state, {}, farm_api.Context(now=6.0, new_id=str, nodes={
         "n3": {"node_id": "n3", "state": "online"}}))
     assert {n["node_id"]: (n["enrolled"], n["retired"]) for n in listed.data["nodes"]}["n3"] == (False, True)
-    listed = api.node_list(state, {}, api.Context(now=6.0, new_id=str, nodes={
+    listed = farm_api.node_list(state, {}, farm_api.Context(now=6.0, new_id=str, nodes={
         "n3": {"node_id": "n3", "state": "offline"}}))
     assert "n3" not in {n["node_id"] for n in listed.data["nodes"]}  # gone for good: not listed at all

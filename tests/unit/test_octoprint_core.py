@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import requests
 
-from node.printers.base import PrinterState
-from node.printers.octoprint import (
+from node.worker.printers.base import PrinterState
+from node.worker.printers.octoprint import (
     ACTIVE_TEXTS,
     OctoPrintDriver,
     _Tracker,

@@ -1,5 +1,5 @@
-"""Pairing codes and the SPAKE2 exchange (shared.pairing), the member's HTTP side in-process (node.pairing),
-the farm key file (node.config), and the node refusing to run without a key."""
+"""Pairing codes and the SPAKE2 exchange (shared.pairing), the member's HTTP side in-process (node.app.pairing),
+the farm key file (node.app.config), and the node refusing to run without a key."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from node.config import KEY_FILE, load_settings, read_key_file, write_key_file
-from node.pairing import PAIRING_FILE, PairingService, issue_code, join, read_pending, take_pending
+from node.app.config import KEY_FILE, load_settings, read_key_file, write_key_file
+from node.app.pairing import PAIRING_FILE, PairingService, issue_code, join, read_pending, take_pending
 from shared import pairing as P
 from shared import security
 from shared.errors import ConfigError, NetqError, ProtocolError
@@ -349,7 +349,7 @@ def test_settings_take_the_key_file_unless_the_config_says_otherwise(tmp_path: P
 
 # --- no key, no node ----------------------------------------------------------------------------------------
 async def test_a_node_without_a_key_refuses_to_start_and_names_the_remedies(tmp_path: Path) -> None:
-    from node.agent import NodeAgent
+    from node.app.agent import NodeAgent
 
     agent = NodeAgent(Settings(node_id="n1", data_dir=tmp_path / "n1", broker={"url": "mqtt://127.0.0.1:1"}))
     with pytest.raises(ConfigError) as info:
@@ -362,7 +362,7 @@ async def test_a_node_without_a_key_refuses_to_start_and_names_the_remedies(tmp_
 
 # --- the commands -------------------------------------------------------------------------------------------
 def test_init_json_on_a_fresh_machine_prints_the_farm_last(tmp_path: Path) -> None:
-    from node.cli import app
+    from node.app.cli import app
 
     env = {"HOME": str(tmp_path), "NETQ_CONFIG": None}
     result = CliRunner().invoke(app, ["init", "--json"], env=env)
@@ -380,7 +380,7 @@ def test_init_json_on_a_fresh_machine_prints_the_farm_last(tmp_path: Path) -> No
 
 
 def test_pair_needs_a_key_and_issues_a_fresh_code(tmp_path: Path) -> None:
-    from node.cli import app
+    from node.app.cli import app
 
     env = {"HOME": str(tmp_path), "NETQ_CONFIG": None}
     result = CliRunner().invoke(app, ["pair", "--data-dir", str(tmp_path / "d")], env=env)
@@ -396,7 +396,7 @@ def test_pair_needs_a_key_and_issues_a_fresh_code(tmp_path: Path) -> None:
 
 
 def test_join_refuses_a_mistyped_code_and_a_node_that_has_a_key(tmp_path: Path) -> None:
-    from node.cli import app
+    from node.app.cli import app
 
     env = {"HOME": str(tmp_path), "NETQ_CONFIG": None}
     result = CliRunner().invoke(app, ["join", "7-mapel-otter-violin", "--address", "127.0.0.1:1"], env=env)

@@ -1,7 +1,7 @@
-"""The contract of :class:`node.printers.base.PrinterDriver`, run against every driver.
+"""The contract of :class:`node.worker.printers.base.PrinterDriver`, run against every driver.
 
-* ``simulated``: :class:`node.printers.simulated.SimulatedPrinter`, always.
-* ``octoprint``: :class:`node.printers.octoprint.OctoPrintDriver` against a real OctoPrint 1.11 and its virtual
+* ``simulated``: :class:`node.worker.printers.simulated.SimulatedPrinter`, always.
+* ``octoprint``: :class:`node.worker.printers.octoprint.OctoPrintDriver` against a real OctoPrint 1.11 and its virtual
   printer (``tests/octoprint_fixture.py``; skipped without ``.octoprint-venv``, failed when ``CI=true``).
 
 Every wait polls ``status()`` against a deadline. A test leaves its printer connected and idle.
@@ -17,9 +17,9 @@ from typing import cast
 
 import pytest
 
-from node.printers.base import PrinterDriver, PrinterState, PrinterStatus
-from node.printers.octoprint import OctoPrintDriver
-from node.printers.simulated import SimulatedPrinter
+from node.worker.printers.base import PrinterDriver, PrinterState, PrinterStatus
+from node.worker.printers.octoprint import OctoPrintDriver
+from node.worker.printers.simulated import SimulatedPrinter
 from shared.errors import PrinterError, PrinterOffline
 from tests.octoprint_fixture import OctoPrintServer, free_port, octoprint_factory, octoprint_server
 from tests.waiting import printer_reaches

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from node.agent import NodeAgent
-from node.consensus import Consensus, Role
+from node.app.agent import NodeAgent
+from node.consensus.consensus import Consensus, Role
+from node.consensus.replica import Replica
 from node.link.base import LinkOptions, Message
 from node.link.memory import MemoryBroker, MemoryLink
-from node.replica import Replica
 from shared import protocol as P
 from shared import security
 from shared.models import Capabilities, CopyState, JobCopy, Member, Model, StoredObject, job_key, member_key

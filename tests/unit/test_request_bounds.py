@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from node import node_api
-from node.arbiter import _peek_transaction
-from node.client import FarmClient
+from node.app import node_commands
+from node.app.client import FarmClient
+from node.arbiter.services import _peek_transaction
 from node.link.base import Message
-from shared import api
+from shared import farm_api
 from shared import protocol as P
 from shared.errors import ProtocolError, RequestError
 from tests.memfarm import MemFarm
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.security
 
 DEEP = b'{"a":' * 40_000 + b"1" + b"}" * 40_000  # within the size bound: the nesting is what is refused
 DEEP_LIST = b"[" * 100_000 + b"]" * 100_000
-ALL_PATHS = sorted([*api.MUTATING, *api.READING, *node_api.NODE_COMMANDS])
+ALL_PATHS = sorted([*farm_api.MUTATING, *farm_api.READING, *node_commands.NODE_COMMANDS])
 
 
 def nested(depth: int) -> bytes:
@@ -36,46 +36,46 @@ def nested(depth: int) -> bytes:
                                                                                             "open", "unclosed"])
 def test_deep_payloads_are_refused_on_every_path(path: str, payload: bytes) -> None:
     with pytest.raises(RequestError, match="nests deeper than 32"):
-        api.parse_envelope(path, payload)
+        farm_api.parse_envelope(path, payload)
 
 
 def test_the_bound_is_32_levels_and_brackets_in_strings_do_not_count() -> None:
-    assert api.parse_envelope("queue/list", nested(32))[0]["namespace"] == "default"
+    assert farm_api.parse_envelope("queue/list", nested(32))[0]["namespace"] == "default"
     with pytest.raises(RequestError, match="nests deeper than 32"):
-        api.parse_envelope("queue/list", nested(33))
+        farm_api.parse_envelope("queue/list", nested(33))
     in_string = json.dumps({"name": "[" * 1000 + '\\"{' * 100, "id": "x"}).encode()
-    body, _ = api.parse_envelope("job/update", in_string)
+    body, _ = farm_api.parse_envelope("job/update", in_string)
     assert body["name"].startswith("[[[")
-    assert not api.nesting_exceeds(b'{"a": "\\\\", "b": [[1]]}', 3)  # the string holds one backslash
-    assert api.nesting_exceeds(b'{"a": "\\\\", "b": [[1]]}', 2)
-    assert not api.nesting_exceeds(b'{"a": "\\"[[[[", "b": 1}', 1)
+    assert not farm_api.nesting_exceeds(b'{"a": "\\\\", "b": [[1]]}', 3)  # the string holds one backslash
+    assert farm_api.nesting_exceeds(b'{"a": "\\\\", "b": [[1]]}', 2)
+    assert not farm_api.nesting_exceeds(b'{"a": "\\"[[[[", "b": 1}', 1)
 
 
 def test_the_scan_is_linear_even_for_hostile_shapes() -> None:
-    for payload in (b"[]" * (api.MAX_REQUEST_BYTES // 2), b'"' + b'\\"' * (api.MAX_REQUEST_BYTES // 2),
-                    b'"[' * (api.MAX_REQUEST_BYTES // 2), DEEP[:api.MAX_REQUEST_BYTES]):
+    for payload in (b"[]" * (farm_api.MAX_REQUEST_BYTES // 2), b'"' + b'\\"' * (farm_api.MAX_REQUEST_BYTES // 2),
+                    b'"[' * (farm_api.MAX_REQUEST_BYTES // 2), DEEP[:farm_api.MAX_REQUEST_BYTES]):
         began = time.perf_counter()
         with pytest.raises(RequestError):
-            api.parse_envelope("job/add", payload)
+            farm_api.parse_envelope("job/add", payload)
         assert time.perf_counter() - began < 1.0, payload[:20]
 
 
 def test_size_nan_and_bad_bytes_are_refused_with_a_reason() -> None:
     with pytest.raises(RequestError, match="exceeds the limit"):
-        api.parse_envelope("job/add", b'{"x": "' + b"a" * api.MAX_REQUEST_BYTES + b'"}')
+        farm_api.parse_envelope("job/add", b'{"x": "' + b"a" * farm_api.MAX_REQUEST_BYTES + b'"}')
     for constant in (b"NaN", b"Infinity", b"-Infinity"):
         with pytest.raises(RequestError, match="not valid JSON"):
-            api.parse_envelope("job/update", b'{"id": "x", "priority": ' + constant + b"}")
+            farm_api.parse_envelope("job/update", b'{"id": "x", "priority": ' + constant + b"}")
     with pytest.raises(RequestError, match="not valid JSON"):
-        api.parse_envelope("job/add", b"\xff\xfe{")
+        farm_api.parse_envelope("job/add", b"\xff\xfe{")
     with pytest.raises(RequestError, match="not valid JSON"):
-        api.parse_envelope("job/remove", b"\xff")  # not JSON, nor a bare value (not text)
+        farm_api.parse_envelope("job/remove", b"\xff")  # not JSON, nor a bare value (not text)
 
 
 def test_node_commands_and_the_protocol_codec_are_bounded_too() -> None:
-    assert node_api.routing_error("node/pause", DEEP, lambda n: True) == "request nests deeper than 32 levels"
+    assert node_commands.routing_error("node/pause", DEEP, lambda n: True) == "request nests deeper than 32 levels"
     with pytest.raises(RequestError):
-        node_api.addressee("node/material", DEEP_LIST)
+        node_commands.addressee("node/material", DEEP_LIST)
     for payload in (DEEP, DEEP_LIST, b'{"kind": "entry", "writes": ' + b"[" * 100_000):
         with pytest.raises(ProtocolError):
             P.decode(payload)

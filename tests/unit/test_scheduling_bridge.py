@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from node.config import load_settings
-from node.scheduling import Scheduling
-from shared import api
+from node.app.config import load_settings
+from node.arbiter.scheduler_bridge import Scheduling
+from shared import farm_api
 from shared import scheduling as S
 from shared.errors import ConfigError, RequestError
 from shared.models import Capabilities, Material, StoredObject
@@ -23,8 +23,8 @@ SHA = "a" * 64
 def _state(*jobs: dict[str, Any]) -> FarmState:
     state = FarmState()
     for i, body in enumerate(jobs, start=1):
-        ctx = api.Context(now=1000.0 + i, new_id=lambda i=i: f"j{i}")
-        out = api.job_add(state, body, ctx)
+        ctx = farm_api.Context(now=1000.0 + i, new_id=lambda i=i: f"j{i}")
+        out = farm_api.job_add(state, body, ctx)
         state.apply(StoredObject(key=k, stamp=(1, i), value=v) for k, v in out.writes)
     return state
 
@@ -72,20 +72,20 @@ def test_paused_queues_are_skipped(sched: Scheduling) -> None:
 def test_job_no_enrolled_printer_can_print_is_refused_with_the_reason(sched: Scheduling) -> None:
     nodes = {"n1": _node("Prusa Mini", [Material(type="PLA")])}
     printers = sched.printers(nodes, ["n1"], online_only=False)
-    ctx = api.Context(now=1.0, new_id=lambda: "jx",
+    ctx = farm_api.Context(now=1.0, new_id=lambda: "jx",
                       unprintable=lambda job: sched.why_unprintable(job, printers))
     with pytest.raises(RequestError, match="no printer of the farm can print"):
-        api.job_add(FarmState(), _job(profiles=["Prusa MK4"]), ctx)
-    ok = api.job_add(FarmState(), _job(profiles=["Prusa Mini"]), ctx)
+        farm_api.job_add(FarmState(), _job(profiles=["Prusa MK4"]), ctx)
+    ok = farm_api.job_add(FarmState(), _job(profiles=["Prusa Mini"]), ctx)
     assert ok.data["id"] == "jx"
 
 
 def test_a_waiting_job_says_why_when_no_online_printer_can_print_it(sched: Scheduling) -> None:
     state = _state(_job(nozzle=0.6))
     nodes = {"n1": _node(None, [None], nozzle=0.4)}
-    ctx = api.Context(now=1.0, new_id=lambda: "unused", waiting_reason=lambda job: sched.why_unprintable(
+    ctx = farm_api.Context(now=1.0, new_id=lambda: "unused", waiting_reason=lambda job: sched.why_unprintable(
         job, sched.printers(nodes, ["n1"], online_only=True)))
-    jobs = api.queue_list(state, {}, ctx).data["jobs"]
+    jobs = farm_api.queue_list(state, {}, ctx).data["jobs"]
     assert jobs[0]["state"] == "queued"
     assert jobs[0]["waiting"] and "0.6" in jobs[0]["waiting"]
 

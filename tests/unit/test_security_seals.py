@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from node.consensus import Consensus
+from node.consensus.consensus import Consensus
+from node.consensus.replica import Replica
 from node.link.base import LinkOptions
 from node.link.memory import MemoryBroker, MemoryLink
-from node.replica import Replica
 from shared import protocol as P
 from shared import security
 from shared.errors import ConfigError, ProtocolError

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared import api, claims
+from shared import claims, farm_api
 from shared import protocol as P
 from shared.errors import ProtocolError, RequestError
 from shared.models import Capabilities, CopyState, Job, Member, StoredObject
@@ -126,8 +126,8 @@ def test_quorum_weights_and_commit() -> None:
 
 
 # --- API envelope and handlers ----------------------------------------------------------------------------
-def _add(state: FarmState, body: dict[str, object], i: int = 1) -> api.Outcome:
-    out = api.job_add(state, body, api.Context(now=float(i), new_id=lambda: f"j{i}"))
+def _add(state: FarmState, body: dict[str, object], i: int = 1) -> farm_api.Outcome:
+    out = farm_api.job_add(state, body, farm_api.Context(now=float(i), new_id=lambda: f"j{i}"))
     state.apply(StoredObject(key=k, stamp=(1, i), value=v) for k, v in out.writes)
     return out
 
@@ -137,19 +137,19 @@ def _body(**kw: object) -> dict[str, object]:
 
 
 def test_envelope_echoes_transaction_and_accepts_bare_values() -> None:
-    assert api.parse_envelope("job/add", b'{"count": 2, "transaction": "t-1"}') == ({"count": 2}, "t-1")
-    assert api.parse_envelope("queue/list", b"default") == ({"namespace": "default"}, None)
-    assert api.parse_envelope("queue/list", b'"my-queue"') == ({"namespace": "my-queue"}, None)
-    assert api.parse_envelope("health_check", b"") == ({}, None)
+    assert farm_api.parse_envelope("job/add", b'{"count": 2, "transaction": "t-1"}') == ({"count": 2}, "t-1")
+    assert farm_api.parse_envelope("queue/list", b"default") == ({"namespace": "default"}, None)
+    assert farm_api.parse_envelope("queue/list", b'"my-queue"') == ({"namespace": "my-queue"}, None)
+    assert farm_api.parse_envelope("health_check", b"") == ({}, None)
 
 
 @pytest.mark.parametrize("payload,message", [
     (b"{nope", "JSON"), (b"[1, 2]", "object"), (b'{"transaction": 5}', "transaction"),
-    (b"x" * (api.MAX_REQUEST_BYTES + 1), "exceeds"),
+    (b"x" * (farm_api.MAX_REQUEST_BYTES + 1), "exceeds"),
 ])
 def test_envelope_refuses_bad_payloads(payload: bytes, message: str) -> None:
     with pytest.raises(RequestError, match=message):
-        api.parse_envelope("job/add", payload)
+        farm_api.parse_envelope("job/add", payload)
 
 
 def test_job_add_validates_strictly() -> None:
@@ -158,7 +158,7 @@ def test_job_add_validates_strictly() -> None:
                 {"sets": [{"file": "a", "sha256": "short", "holders": ["n1"]}]},
                 {"sets": [{"file": "a", "sha256": SHA, "holders": []}]}]:
         with pytest.raises(RequestError):
-            api.job_add(state, bad, api.Context(now=0.0, new_id=lambda: "x"))
+            farm_api.job_add(state, bad, farm_api.Context(now=0.0, new_id=lambda: "x"))
 
 
 def test_job_update_move_and_remove() -> None:
@@ -168,21 +168,21 @@ def test_job_update_move_and_remove() -> None:
     _add(state, _body(), 3)
     order = lambda: [j.id for j in state.jobs("default")]
     assert order() == ["j1", "j2", "j3"]
-    out = api.job_move(state, {"id": "j3", "position": 0}, api.Context(now=0, new_id=str))
+    out = farm_api.job_move(state, {"id": "j3", "position": 0}, farm_api.Context(now=0, new_id=str))
     state.apply(StoredObject(key=k, stamp=(1, 9), value=v) for k, v in out.writes)
     assert order() == ["j3", "j1", "j2"]
-    out = api.job_move(state, {"id": "j3", "after": "j2"}, api.Context(now=0, new_id=str))
+    out = farm_api.job_move(state, {"id": "j3", "after": "j2"}, farm_api.Context(now=0, new_id=str))
     state.apply(StoredObject(key=k, stamp=(1, 10), value=v) for k, v in out.writes)
     assert order() == ["j1", "j2", "j3"]
-    out = api.job_update(state, {"id": "j1", "count": 3, "priority": 5}, api.Context(now=0, new_id=str))
+    out = farm_api.job_update(state, {"id": "j1", "count": 3, "priority": 5}, farm_api.Context(now=0, new_id=str))
     state.apply(StoredObject(key=k, stamp=(1, 11), value=v) for k, v in out.writes)
     job = state.job("job/default/j1")
     assert job is not None and len(job.copies) == 3 and job.priority == 5
-    out = api.job_remove(state, {"id": "j2"}, api.Context(now=0, new_id=str))
+    out = farm_api.job_remove(state, {"id": "j2"}, farm_api.Context(now=0, new_id=str))
     state.apply(StoredObject(key=k, stamp=(1, 12), value=v) for k, v in out.writes)
     assert order() == ["j1", "j3"]
     with pytest.raises(RequestError, match="already exists"):  # a removed id cannot come back
-        api.job_add(state, _body(id="j2"), api.Context(now=0, new_id=str))
+        farm_api.job_add(state, _body(id="j2"), farm_api.Context(now=0, new_id=str))
 
 
 # --- claim rules ------------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def test_job_view_is_json() -> None:
     _add(state, _body(count=2), 1)
     job = state.job("job/default/j1")
     assert job is not None
-    view = api.job_view(job)
+    view = farm_api.job_view(job)
     assert json.loads(json.dumps(view))["remaining"] == 2 and view["state"] == "queued"
 
 

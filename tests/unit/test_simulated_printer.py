@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from node.printers.base import PrinterState, PrinterStatus
-from node.printers.simulated import (
+from node.worker.printers.base import PrinterState, PrinterStatus
+from node.worker.printers.simulated import (
     SimulatedPrinter,
     StartRecord,
     estimated_duration,

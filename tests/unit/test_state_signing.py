@@ -1,4 +1,4 @@
-"""Signed state and answers (node/signing.py): which topics are signed, signing, and the client-side check."""
+"""Signed state and answers (node/link/signing.py): which topics are signed, signing, and the client-side check."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.signing import StateSigning, StateVerifier, is_signed_topic
-from shared import api, security
+from node.link.signing import StateSigning, StateVerifier, is_signed_topic
+from shared import farm_api, security
 from shared.settings import FarmSettings
 from shared.topics import Topics
 
@@ -55,7 +55,7 @@ def test_an_open_farm_signs_nothing() -> None:
     s = StateSigning.for_farm(FarmSettings(open=True))
     assert not s.enabled
     assert s.encode(NODE, {"a": 1}) == json.dumps({"a": 1}).encode()
-    payload = api.response("ok", {"x": 1}, "t1")
+    payload = farm_api.response("ok", {"x": 1}, "t1")
     assert s.sign_payload(T.response("health_check"), payload) is payload
 
 
@@ -77,7 +77,7 @@ def test_signatures_are_deterministic() -> None:
 
 def test_an_api_response_is_signed_as_built() -> None:
     topic = T.response("job/add")
-    body = json.loads(signing().sign_payload(topic, api.response("error", {}, "t1", "no such queue")))
+    body = json.loads(signing().sign_payload(topic, farm_api.response("error", {}, "t1", "no such queue")))
     assert body["status"] == "error" and body["transaction"] == "t1" and body["error"] == "no such queue"
     assert verifier().check(topic, body)
 
@@ -115,7 +115,7 @@ def test_unsigned_forged_and_moved_messages_are_refused_and_counted() -> None:
 @pytest.mark.security
 def test_a_genuine_answer_moved_to_another_request_is_refused() -> None:
     v = verifier()
-    answer = signing().sign_payload(T.response("health_check"), api.response("ok", {"healthy": True}, "t1"))
+    answer = signing().sign_payload(T.response("health_check"), farm_api.response("ok", {"healthy": True}, "t1"))
     assert v.decode(T.response("health_check"), answer) is not None
     assert v.decode(T.response("job/remove"), answer) is None
     assert v.drops == {"forged": 1}
@@ -151,9 +151,9 @@ def test_topics_the_farm_does_not_sign_pass_unchecked() -> None:
 
 def test_a_refusal_is_logged_once_as_a_warning_then_at_debug_level(caplog: pytest.LogCaptureFixture) -> None:
     v = verifier()
-    caplog.set_level(logging.DEBUG, logger="node.signing")
+    caplog.set_level(logging.DEBUG, logger="node.link.signing")
     for _ in range(5):
         v.decode(NODE, b'{"state": "offline"}')
-    levels = [r.levelno for r in caplog.records if r.name == "node.signing"]
+    levels = [r.levelno for r in caplog.records if r.name == "node.link.signing"]
     assert levels == [logging.WARNING] + [logging.DEBUG] * 4
     assert v.drops == {"unsigned": 5}

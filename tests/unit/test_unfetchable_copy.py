@@ -1,5 +1,5 @@
 """A copy whose file cannot be fetched goes back to the queue with the reason instead of looping, and the
-arbiter does not hand it straight back to the node that gave it back (node/grant_backoff.py).
+arbiter does not hand it straight back to the node that gave it back (node/arbiter/grant_backoff.py).
 
 Found as: a job whose only holder was gone looped at ~80 log lines a second, the commit index climbing by
 thousands and the arbiter at 69 % of a core; the job could not be removed.
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from node.grant_backoff import GrantBackoff
+from node.arbiter.grant_backoff import GrantBackoff
 from shared.errors import FileStoreError
 from shared.models import CopyState
 from tests.memfarm import MemFarm, gcode

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from node.replica import Replica
-from node.worker import WorkerState
+from node.consensus.replica import Replica
+from node.worker.worker import WorkerState
 from shared.models import CopyState, Job, JobCopy, JobSet, Member, Stamp, StoredObject, job_key, member_key
 from tests.memfarm import MemFarm, gcode
 

@@ -16,7 +16,7 @@ The rest of the cycle, on a real printer:
   cannot be started ends the copy with ``requeue`` and the reason; the arbiter puts it back in the queue until
   it has been started ``farm.max_attempts`` times, then marks it failed with that reason. A copy whose files
   cannot be fetched (tried :data:`FETCH_TRIES` times) is given back with the reason, and the arbiter keeps it
-  from this node for a while (node/grant_backoff.py); one already started ends with ``requeue``.
+  from this node for a while (node/arbiter/grant_backoff.py); one already started ends with ``requeue``.
 * **awaiting_material**: the scheduler may give a copy whose materials are not loaded (an operator swaps them).
   The worker gets the start committed first (so no lease takes the copy during a swap of many minutes, and no
   other printer gets it), then, before each set whose per-tool materials the loaded ones do not satisfy, waits
@@ -45,11 +45,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.consensus import Consensus
+from node.consensus.consensus import Consensus
 from node.files.analysis import refusal_before_print
 from node.link.base import Link
-from node.printers.base import PrinterDriver, PrinterState
 from node.tasks import cancel_and_wait
+from node.worker.printers.base import PrinterDriver, PrinterState
 from shared import claims
 from shared import protocol as P
 from shared.errors import FileStoreError, NetqError, PrinterError
@@ -375,7 +375,7 @@ class Worker:
         A file that cannot be fetched is tried :data:`FETCH_TRIES` times, with a pause doubling from
         ``timing.work_retry_s`` (each at most a quarter of the lease, so that the grant does not expire
         meanwhile); then the copy goes back to the queue with the reason: a granted copy is given back, and
-        the arbiter keeps it from this node for a while (node/grant_backoff.py); a started one (the printer
+        the arbiter keeps it from this node for a while (node/arbiter/grant_backoff.py); a started one (the printer
         not called for what is left) ends with requeue, so it fails after ``farm.max_attempts``. None when
         the copy went back, or was lost meanwhile."""
         loop = asyncio.get_running_loop()

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from node.homeassistant.summary import HA_STATES
+from node.integrations.homeassistant.summary import HA_STATES
 from shared.topics import Topics
 
 MANUFACTURER = "netqueues"

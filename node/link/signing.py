@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared import api, security
+from shared import farm_api, security
 from shared.errors import RequestError
 from shared.security import Drop
 from shared.settings import FarmSettings
@@ -83,7 +83,7 @@ class StateVerifier:
 
     public: str
     topics: Topics
-    max_bytes: int = 64 * 1024 * 1024  # a payload decoded at most (nesting: api.MAX_DEPTH)
+    max_bytes: int = 64 * 1024 * 1024  # a payload decoded at most (nesting: farm_api.MAX_DEPTH)
     drops: dict[str, int] = field(default_factory=dict)
     _warned: bool = False
 
@@ -103,7 +103,7 @@ class StateVerifier:
     def decode(self, topic: str, payload: bytes) -> Any:
         """The decoded JSON of ``payload`` if it may be used (see :meth:`check`), else None (counted)."""
         try:
-            obj = api.loads_bounded(payload, max_bytes=self.max_bytes, what="message")
+            obj = farm_api.loads_bounded(payload, max_bytes=self.max_bytes, what="message")
         except RequestError as exc:  # not JSON, too large, nested too deeply
             if is_signed_topic(self.topics, topic):
                 self._refuse(Drop.MALFORMED, topic, str(exc)[:200])

@@ -22,11 +22,11 @@ import random
 import time
 from typing import Any
 
-from node.homeassistant import discovery as D
-from node.homeassistant import summary as S
+from node.app.node_view import NodeView
+from node.integrations.homeassistant import discovery as D
+from node.integrations.homeassistant import summary as S
 from node.link.base import Link, Message
-from node.node_view import NodeView
-from node.signing import StateSigning
+from node.link.signing import StateSigning
 from shared.models import job_key
 from shared.topics import Topics
 
@@ -63,7 +63,7 @@ class HomeAssistantPublisher:
         self.topics: Topics = agent.topics
         self.node_id = agent.node_id
         self.enabled = agent.settings.homeassistant.enabled
-        # The summaries are signed like all retained state (node/signing.py); discovery configs are Home
+        # The summaries are signed like all retained state (node/link/signing.py); discovery configs are Home
         # Assistant's format and are not.
         self._signing = StateSigning.for_farm(agent.settings.farm)
         self._rng = rng or random.Random()

@@ -29,8 +29,8 @@ from typing import Any
 
 import aiohttp
 
-from node.client import FarmClient
-from node.printers.simulated import read_journal
+from node.app.client import FarmClient
+from node.worker.printers.simulated import read_journal
 from shared import security
 from shared.errors import NetqError
 
@@ -191,7 +191,7 @@ class ProcessFarm:
         (node.data_dir / "runtime.json").unlink(missing_ok=True)
         log = node.log_path.open("ab")
         node.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "run", "--config", str(node.config_path),
+            [sys.executable, "-m", "node.app.cli", "run", "--config", str(node.config_path),
              *(["-v"] if os.environ.get("NETQFARM_DEBUG") else [])],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
             start_new_session=True,

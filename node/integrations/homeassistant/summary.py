@@ -16,7 +16,7 @@ Logic lives here, in Python, so that the discovery payloads only pick fields wit
      "queues": {"default": {"waiting": 4, "printing": 1, "remaining": 5, "jobs": 3, "paused": false}}}
 
 In a farm with a key both also carry ``"sig"``, the farm's signature of the view for its topic, added by the
-publisher (:mod:`node.signing`); the views here are built without it.
+publisher (:mod:`node.link.signing`); the views here are built without it.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from node.printers.base import PrinterState, PrinterStatus
+from node.worker.printers.base import PrinterState, PrinterStatus
 from shared.errors import PrinterError, PrinterOffline
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class _Job:
 
 
 class SimulatedPrinter:
-    """A :class:`~node.printers.base.PrinterDriver` whose prints are timers on the event loop."""
+    """A :class:`~node.worker.printers.base.PrinterDriver` whose prints are timers on the event loop."""
 
     def __init__(
         self,

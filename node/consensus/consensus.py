@@ -5,7 +5,7 @@ highest seq it holds without a gap, asks for a snapshot when it sees one, and vo
 vote written to SQLite before it is sent). When it hears no heartbeat for its election timeout it stands as a
 candidate; with votes of quorum weight it becomes the arbiter: it merges the newer objects its voters sent
 (a quorum read), re-stamps everything with its own term, sends that as the term's first entry, and serves only
-once that entry is committed. The arbiter's services (requests, claims, leases) live in :mod:`node.arbiter`
+once that entry is committed. The arbiter's services (requests, claims, leases) live in :mod:`node.arbiter.services`
 and change state only through :meth:`Consensus.propose`.
 
 Every message it publishes on ``_proto/`` is sealed (``shared.security``: an HMAC with this node's key, its boot
@@ -31,8 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from node.consensus.replica import Replica
 from node.link.base import Link, Message
-from node.replica import Replica
 from node.tasks import cancel_and_wait
 from shared import merge as M
 from shared import protocol as P

@@ -128,7 +128,7 @@ _BARE: dict[str, str] = {
     "queue/resume": "namespace",
     "job/remove": "id",
     "node/retire": "node",
-    # answered by the addressed node (node/node_api.py)
+    # answered by the addressed node (node/app/node_commands.py)
     "node/bed_cleared": "node",
     "node/pause": "node",
     "node/resume": "node",

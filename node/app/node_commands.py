@@ -36,17 +36,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field
 
-from node.homeassistant.summary import material_label, parse_material
+from node.app.node_view import NodeView
+from node.integrations.homeassistant.summary import material_label, parse_material
 from node.link.base import Message
-from node.node_view import NodeView
-from node.signing import StateSigning
-from shared import api
+from node.link.signing import StateSigning
+from shared import farm_api
 from shared import protocol as P
 from shared.errors import RequestError
 from shared.models import CopyState, JobCopy, Material, NodeId, WorkerState, job_key
 
 if TYPE_CHECKING:
-    from node.worker import Worker
+    from node.worker.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ _POLL_S = 0.02
 META_KEY = "node_api"
 
 
-class NodeRef(api.Req):
+class NodeRef(farm_api.Req):
     node: NodeId
 
 
@@ -77,7 +77,7 @@ class SetMaterial(NodeRef):
     material: Material | Annotated[str, Field(max_length=80)] | None
 
 
-_MODELS: dict[str, type[api.Req]] = {
+_MODELS: dict[str, type[farm_api.Req]] = {
     "node/bed_cleared": NodeRef, "node/pause": NodeRef, "node/resume": NodeRef,
     "node/accept_jobs": AcceptJobs, "node/release": ReleaseClaim, "node/material": SetMaterial,
 }
@@ -85,12 +85,12 @@ _MODELS: dict[str, type[api.Req]] = {
 
 def addressee(path: str, payload: bytes) -> tuple[dict[str, Any], str | None, str]:
     """``(body, transaction, node id)`` of a node command; RequestError if no node can be told from it."""
-    body, txn = api.parse_envelope(path, payload)
+    body, txn = farm_api.parse_envelope(path, payload)
     node = body.get("node")
     if not isinstance(node, str):
         raise RequestError('give the node: {"node": "<node id>", ...}'
                            + (" or the bare node id" if path in BARE_NODE_COMMANDS else ""))
-    api._model(NodeRef, {"node": node})  # a valid node id, or RequestError
+    farm_api._model(NodeRef, {"node": node})  # a valid node id, or RequestError
     return body, txn, node
 
 
@@ -105,7 +105,7 @@ def routing_error(path: str, payload: bytes, known: Callable[[str], bool]) -> st
     return None
 
 
-class NodeApi:
+class NodeCommands:
     def __init__(self, agent: NodeView, *, release_timeout: float = RELEASE_TIMEOUT_S) -> None:
         self.agent = agent
         self.node_id = agent.node_id
@@ -155,12 +155,12 @@ class NodeApi:
 
     async def _serve(self, path: str, body: dict[str, Any], txn: str | None) -> None:
         try:
-            answer = api.response("ok", await self._handle(path, body), txn)
+            answer = farm_api.response("ok", await self._handle(path, body), txn)
         except RequestError as exc:
-            answer = api.response("error", {}, txn, str(exc))
+            answer = farm_api.response("error", {}, txn, str(exc))
         except Exception:
             log.exception("%s: %s failed", self.node_id, path)
-            answer = api.response("error", {}, txn, "internal error; see the node's log")
+            answer = farm_api.response("error", {}, txn, "internal error; see the node's log")
         finally:
             if txn is not None:
                 self._inflight.discard(txn)
@@ -175,10 +175,10 @@ class NodeApi:
 
     def _publish(self, path: str, answer: bytes) -> None:
         topic = self.topics.response(path)
-        self.agent.link.publish(topic, self._signing.sign_payload(topic, answer), qos=1)  # node/signing.py
+        self.agent.link.publish(topic, self._signing.sign_payload(topic, answer), qos=1)  # node/link/signing.py
 
     async def _handle(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        req = api._model(_MODELS[path], body)
+        req = farm_api._model(_MODELS[path], body)
         w = self.agent.worker
         if w is None:
             raise RequestError(f"{self.node_id} has no printer (a witness only votes)")

@@ -2,7 +2,7 @@
 
 It speaks only the public API (``request/…`` → ``response/…``, retained topics), as a script would. Given
 the farm's public state key (``state_key``, ``nqp1-…``), it ignores answers and retained state that are not
-signed by the farm for their topic (:mod:`node.signing`), counting them in ``dropped``.
+signed by the farm for their topic (:mod:`node.link.signing`), counting them in ``dropped``.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from typing import Any, Self
 
 from node.link.base import LinkOptions, Message
 from node.link.mqtt import MqttLink
-from node.signing import StateVerifier
-from shared import api
+from node.link.signing import StateVerifier
+from shared import farm_api
 from shared.errors import NetqError, RequestError
 from shared.topics import Topics
 
 Address = tuple[str, int]
-MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # answers and retained states decoded (nesting: api.MAX_DEPTH)
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # answers and retained states decoded (nesting: farm_api.MAX_DEPTH)
 
 
 class FarmClient:
@@ -93,7 +93,7 @@ class FarmClient:
         if self._verifier is not None:
             return self._verifier.decode(msg.topic, msg.payload)
         try:
-            return api.loads_bounded(msg.payload, max_bytes=MAX_RESPONSE_BYTES, what="answer")
+            return farm_api.loads_bounded(msg.payload, max_bytes=MAX_RESPONSE_BYTES, what="answer")
         except RequestError:
             return None
 
@@ -162,7 +162,7 @@ class FarmClient:
             node = self.topics.parse_node_state(topic)
             if node is not None:
                 try:
-                    out[node] = api.loads_bounded(payload, max_bytes=MAX_RESPONSE_BYTES, what="node state")
+                    out[node] = farm_api.loads_bounded(payload, max_bytes=MAX_RESPONSE_BYTES, what="node state")
                 except RequestError:
                     continue
         return out

@@ -29,7 +29,7 @@ from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from broker.advert import SERVICE_TYPE, advert_from_properties
-from node.config import write_private
+from node.app.config import write_private
 from shared import pairing as P
 from shared import security
 from shared.errors import ConfigError, NetqError, ProtocolError

@@ -1,6 +1,6 @@
 """The arbiter's services: the API requests, grants, starts and finishes, leases, members coming and going.
 
-They run on every node but act only while :class:`node.consensus.Consensus` says this node is the serving
+They run on every node but act only while :class:`node.consensus.consensus.Consensus` says this node is the serving
 arbiter. Every change goes through ``consensus.propose`` and is answered, announced and published to the
 retained view only once it is committed.
 """
@@ -15,20 +15,21 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from node import job_from_url, node_api
-from node.consensus import Consensus, NotCommitted, Role
+from node.app import node_commands
+from node.arbiter import url_jobs
+from node.arbiter.grant_backoff import GrantBackoff
+from node.arbiter.scheduler_bridge import Scheduling
+from node.consensus.consensus import Consensus, NotCommitted, Role
 from node.files import holder_check
 from node.files.analysis import Verdicts
+from node.files.replication import FileReplication
 from node.files.store import FileStore
 from node.files.url_guard import UrlPolicy
-from node.grant_backoff import GrantBackoff
-from node.homeassistant.publisher import node_event, remove_node_entities
+from node.integrations.homeassistant.publisher import node_event, remove_node_entities
 from node.link.base import Link, Message
-from node.replication import FileReplication
-from node.scheduling import Scheduling
-from node.signing import StateSigning
+from node.link.signing import StateSigning
 from node.tasks import cancel_and_wait
-from shared import api, claims, membership, security
+from shared import claims, farm_api, membership, security
 from shared import protocol as P
 from shared import scheduling as S
 from shared.errors import RequestError
@@ -64,10 +65,10 @@ class ArbiterServices:
         self.c = consensus
         self.link = link
         self.topics = Topics(settings.farm.base_topic, settings.homeassistant.prefix)
-        self.signing = StateSigning.for_farm(settings.farm)  # retained view and answers (node/signing.py)
+        self.signing = StateSigning.for_farm(settings.farm)  # retained view and answers (node/link/signing.py)
         self.scheduling = scheduling
         self.nodes = nodes
-        # A copy a node gave back is not handed straight back to that node (node/grant_backoff.py).
+        # A copy a node gave back is not handed straight back to that node (node/arbiter/grant_backoff.py).
         self.backoff = GrantBackoff()
         self.choose = scheduling.chooser(self._farm_view,
                                          exclude=lambda node: self.backoff.excluded(node, self.clock()))
@@ -89,7 +90,7 @@ class ArbiterServices:
         consensus.to_arbiter_handlers.append(self._on_message)
         consensus.on_role.append(self._on_role)
         consensus.listeners.append(self._on_change)
-        # Safety mode available (node/consensus.py): merges of offered records are committed like any change.
+        # Safety mode available (node/consensus/consensus.py): merges of offered records are committed like any change.
         consensus.merge_commit = self._commit_merge
         consensus.on_availability.append(self._publish_bridge)
 
@@ -158,7 +159,7 @@ class ArbiterServices:
         if obj is None or job is None:
             self.link.publish(topic, b"", retain=True)  # clears the retained message (MQTT 3.1.1 §3.3.1.3)
             return
-        view = api.job_view(job)
+        view = farm_api.job_view(job)
         view["stamp"] = list(obj.stamp)
         self.link.publish(topic, self.signing.encode(topic, view), retain=True)
 
@@ -240,30 +241,30 @@ class ArbiterServices:
     def _respond(self, path: str, status: str, data: dict[str, Any], txn: str | None,
                  error: str | None = None) -> None:
         topic = self.topics.response(path)
-        answer = api.response(status, data, txn, error)
+        answer = farm_api.response(status, data, txn, error)
         self.link.publish(topic, self.signing.sign_payload(topic, answer), qos=1)
 
     def _on_request(self, msg: Message) -> None:
         path = self.topics.request_path(msg.topic)
         if path is None or msg.retain or not self.active:
             return
-        if path in node_api.NODE_COMMANDS:  # answered by the addressed node; errors no node can answer here
-            error = node_api.routing_error(path, msg.payload, lambda n: n in self.c.members or n in self.nodes())
+        if path in node_commands.NODE_COMMANDS:  # answered by the addressed node; errors no node can answer here
+            error = node_commands.routing_error(path, msg.payload, lambda n: n in self.c.members or n in self.nodes())
             if error is not None:
                 self._respond(path, "error", {}, _peek_transaction(msg.payload), error)
             return
         txn = _peek_transaction(msg.payload)
-        change_members = path in api.MEMBERSHIP
+        change_members = path in farm_api.MEMBERSHIP
         try:
-            body, txn = api.parse_envelope(path, msg.payload)
-            if path in api.READING:
+            body, txn = farm_api.parse_envelope(path, msg.payload)
+            if path in farm_api.READING:
                 ctx = self._context()
-                self._respond(path, "ok", api.READING[path](self.c.state, body, ctx).data, txn)
+                self._respond(path, "ok", farm_api.READING[path](self.c.state, body, ctx).data, txn)
                 return
-            handler = api.MUTATING.get(path)
+            handler = farm_api.MUTATING.get(path)
             if handler is None:
                 raise RequestError(f"unknown request {path!r}; known: "
-                                   + ", ".join(sorted([*api.MUTATING, *api.READING, *node_api.NODE_COMMANDS])))
+                                   + ", ".join(sorted([*farm_api.MUTATING, *farm_api.READING, *node_commands.NODE_COMMANDS])))
             if txn is not None:
                 stored = self.c.state.get(txn_key(txn))
                 if stored is not None and stored.get("path") == path:
@@ -274,7 +275,7 @@ class ArbiterServices:
                     return
                 if txn in self._inflight:
                     return  # a retry of a request still in progress: the first answer will do for both
-            if path == "job/add" and job_from_url.has_urls(body):
+            if path == "job/add" and url_jobs.has_urls(body):
                 self._add_from_urls(msg.topic, body, txn)  # download first, then come back here
                 return
             outcome = handler(self.c.state, body, self._context())
@@ -358,7 +359,7 @@ class ArbiterServices:
                 # Never the farm's own nodes (their file servers' and the broker's hosts), whatever url_allow says.
                 policy = UrlPolicy.for_farm(self.settings.files.url_allow, self.nodes(),
                                             getattr(self.link, "address", None))
-                resolved = await job_from_url.resolve(body, self.store, self.c.node_id, gcode=self.settings.gcode,
+                resolved = await url_jobs.resolve(body, self.store, self.c.node_id, gcode=self.settings.gcode,
                                                       policy=policy)
             except RequestError as exc:
                 self._respond("job/add", "error", {}, txn, str(exc))
@@ -377,10 +378,10 @@ class ArbiterServices:
         self._downloads.add(task)
         task.add_done_callback(self._downloads.discard)
 
-    def _context(self) -> api.Context:
+    def _context(self) -> farm_api.Context:
         nodes = self.nodes()
         members = list(self.c.members)
-        return api.Context(
+        return farm_api.Context(
             now=self.wall(), new_id=lambda: uuid.uuid4().hex[:12], nodes=nodes, info=self.info(),
             reachable=frozenset(self._reachable()),
             unprintable=lambda job: self.scheduling.why_unprintable(
@@ -647,7 +648,7 @@ def _holds_every_file(node: str) -> Callable[[Job], bool]:
 def _peek_transaction(payload: bytes) -> str | None:
     """The transaction of a payload we may not be able to parse, to echo it in the error response."""
     try:
-        raw = api.loads_bounded(payload, max_bytes=api.MAX_REQUEST_BYTES)  # bounded: never RecursionError
+        raw = farm_api.loads_bounded(payload, max_bytes=farm_api.MAX_REQUEST_BYTES)  # bounded: never RecursionError
     except RequestError:
         return None
     txn = raw.get("transaction") if isinstance(raw, dict) else None

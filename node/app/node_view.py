@@ -1,15 +1,15 @@
-"""What node commands (:mod:`node.node_api`) and the Home Assistant publisher may read from, and ask of, the
-node they run in. :class:`node.agent.NodeAgent` provides it; they depend on this, not on the agent, so that
+"""What node commands (:mod:`node.app.node_commands`) and the Home Assistant publisher may read from, and ask of, the
+node they run in. :class:`node.app.agent.NodeAgent` provides it; they depend on this, not on the agent, so that
 neither imports the module that composes them (the agent imports both)."""
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
-from node.consensus import Consensus
+from node.consensus.consensus import Consensus
+from node.consensus.replica import Replica
 from node.link.base import Link
-from node.replica import Replica
-from node.worker import Worker
+from node.worker.worker import Worker
 from shared.models import NodeState
 from shared.settings import Settings
 from shared.topics import Topics

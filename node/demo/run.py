@@ -12,7 +12,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from node.farm import ProcessFarm
+from node.demo.farm import ProcessFarm
 from shared import security
 from shared.errors import NetqError
 

@@ -56,8 +56,8 @@ async def _client(config: Path | None, broker: str | None) -> Any:
     """Connect to the farm: --broker, else the config's broker.url, else the local node's broker, else zeroconf."""
     from broker.discover import discover_broker
     from broker.host import parse_broker_url
-    from node.client import FarmClient
-    from node.config import load_settings
+    from node.app.client import FarmClient
+    from node.app.config import load_settings
     from shared import security
 
     settings = load_settings(config) if config is not None or os.environ.get("NETQ_CONFIG") else None
@@ -101,8 +101,8 @@ def run(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0,
 ) -> None:
     """Run the node agent of this printer host (see deploy/netq.toml.example)."""
-    from node.agent import NodeAgent
-    from node.config import load_settings
+    from node.app.agent import NodeAgent
+    from node.app.config import load_settings
 
     logging.basicConfig(level=logging.DEBUG if verbose > 0 else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -139,7 +139,7 @@ DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="The node's 
 
 def _identity(config: Path | None, data_dir: Path | None) -> Any:
     """The local node's settings for init/pair/join, and the farm key in its key file (or None)."""
-    from node.config import load_settings, read_key_file
+    from node.app.config import load_settings, read_key_file
 
     settings = load_settings(config, {"data_dir": str(data_dir) if data_dir else None})
     return settings, read_key_file(settings.data_dir)
@@ -171,8 +171,8 @@ def init_farm(
 
     from rich.markup import escape
 
-    from node.config import write_key_file
-    from node.pairing import issue_code
+    from node.app.config import write_key_file
+    from node.app.pairing import issue_code
     from shared import pairing, security
     from shared.errors import ConfigError
 
@@ -231,7 +231,7 @@ def pair_code(
     any earlier code of this node)."""
     import time
 
-    from node.pairing import issue_code
+    from node.app.pairing import issue_code
     from shared.errors import ConfigError
 
     async def main() -> dict[str, Any]:
@@ -268,8 +268,8 @@ async def _join_found(code: Any, interfaces: list[str] | None, timeout: float) -
     """Pair with the member zeroconf finds that holds ``code``: other farms' members on the same network answer
     that they have no such code (which uses nothing up), so those found are asked as they are found, until one
     has it or ``timeout`` is over."""
-    from node.pairing import NoMemberHasCode, discover_members
-    from node.pairing import join as pair_with
+    from node.app.pairing import NoMemberHasCode, discover_members
+    from node.app.pairing import join as pair_with
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -309,8 +309,8 @@ def join_farm(
 ) -> None:
     """Join a farm: fetch its key from a member with a pairing code (SPAKE2: the code never travels), keep it
     in the node's data directory."""
-    from node.config import write_key_file
-    from node.pairing import join as pair_with
+    from node.app.config import write_key_file
+    from node.app.pairing import join as pair_with
     from shared.errors import ConfigError
     from shared.pairing import parse_code
 
@@ -371,7 +371,7 @@ def add(
     sets, counts, materials and profiles; --count, --name, --material and --profile override the archive's.
     """
     from node.files.job_sets import beds_known, fill_set, read_file_meta
-    from node.upload import upload_file
+    from node.files.upload import upload_file
 
     count_given = count != 1
     gjob = len(files) == 1 and files[0].suffix.lower() == ".gjob"
@@ -423,7 +423,7 @@ def _policy_precheck(files: list[Path], gjob: bool, config: Path | None, profile
     """``netq add``'s check before anything is uploaded: the G-code policy of the local config's ``[gcode]``
     (the defaults without a config), under the caps of ``--profile`` (else the farm's highest). The node that
     takes the upload and the arbiter check again. Raises PolicyError or ArchiveError naming file, line and rule."""
-    from node.config import load_settings
+    from node.app.config import load_settings
     from node.files.analysis import check_path
     from shared.gcode_policy import PolicyError, summary
     from shared.gjob import read_gjob
@@ -446,7 +446,7 @@ async def _gjob_job(archive: Path, target: tuple[str, str], given: dict[str, Any
     import tempfile
 
     from node.files.job_sets import job_from_manifest, read_file_meta
-    from node.upload import upload_file
+    from node.files.upload import upload_file
     from shared.gjob import read_gjob
 
     manifest, entries = await asyncio.to_thread(read_gjob, archive)
@@ -472,7 +472,7 @@ async def _gjob_job(archive: Path, target: tuple[str, str], given: dict[str, Any
 
 def _file_token(config: Path | None) -> str | None:
     """The operator's file token, from the farm key of --config (or NETQ_CONFIG, or NETQ_FARM__KEY)."""
-    from node.config import load_settings
+    from node.app.config import load_settings
     from shared import security
 
     key = load_settings(config).farm.key_bytes
@@ -481,7 +481,7 @@ def _file_token(config: Path | None) -> str | None:
 
 async def _upload_target(client: Any, config: Path | None) -> tuple[str, str]:
     """(node id, files URL) of the node to upload through: the local node, else any online node."""
-    from node.config import load_settings
+    from node.app.config import load_settings
 
     if config is not None or os.environ.get("NETQ_CONFIG"):
         settings = load_settings(config)
@@ -559,7 +559,7 @@ def bed_cleared(
     as_json: JsonOpt = False,
 ) -> None:
     """Tell a node waiting for its bed to be cleared that it is: it takes its next print."""
-    from node.config import load_settings
+    from node.app.config import load_settings
 
     if node is None:
         if config is None and not os.environ.get("NETQ_CONFIG"):
@@ -751,7 +751,7 @@ def credentials(
 ) -> None:
     """A role's broker credentials, file token and the farm's state public key, from the farm key (e.g. what to
     paste into Home Assistant's MQTT integration); or, with ``mosquitto``, the files an external broker needs."""
-    from node.config import load_settings
+    from node.app.config import load_settings
     from shared import security
 
     if role not in (*CREDENTIAL_ROLES, "mosquitto"):
@@ -856,7 +856,7 @@ def demo(
     as_json: JsonOpt = False,
 ) -> None:
     """Run a small farm on this machine (broker and zeroconf on 127.0.0.1, simulated printers) and show it."""
-    from node.demo import run_demo
+    from node.demo.run import run_demo
 
     result = _run(lambda: run_demo(nodes_, jobs_, until_done=until_done, kill_host=kill_host,
                                    time_scale=time_scale, timeout=timeout, as_json=as_json))

@@ -111,7 +111,7 @@ class Scheduling:
         """The arbiter's choice. ``farm`` gives the printers that could take work now: with it the policy keeps
         scarce printers for the work only they can print, leaves shared work to self-clearing printers and pulls
         long copies forward near the end of the queue (docs/scheduling.md); without it those terms are off.
-        ``exclude(node)``: copies (namespace, job, copy) not to give that node now (node.grant_backoff)."""
+        ``exclude(node)``: copies (namespace, job, copy) not to give that node now (node.arbiter.grant_backoff)."""
         def choose(state: FarmState, node: str, caps: Capabilities, namespaces: Sequence[str],
                    now: float) -> Pick | None:
             printer = printer_view(node, caps, list(namespaces) or state.namespaces(), self.operators(now))

@@ -16,24 +16,24 @@ from typing import Any
 
 from broker.auth import FarmAccess, TopicPolicy
 from broker.host import BrokerHost, BrokerSource, FixedBroker
-from node.arbiter import ArbiterServices
-from node.consensus import Consensus, Role
+from node.app.node_commands import NodeCommands
+from node.app.pairing import PairingServer, PairingService
+from node.arbiter.scheduler_bridge import Scheduling
+from node.arbiter.services import ArbiterServices
+from node.consensus.consensus import Consensus, Role
+from node.consensus.replica import Replica
 from node.files.analysis import Verdicts
 from node.files.collect import referenced_shas
 from node.files.fetch import fetch
 from node.files.http import FileServer
 from node.files.store import FileStore, MiB
-from node.homeassistant.publisher import HomeAssistantPublisher
+from node.integrations.homeassistant.publisher import HomeAssistantPublisher
 from node.link.base import Link, LinkOptions, Message, Will
 from node.link.mqtt import MqttLink
-from node.node_api import NodeApi
-from node.pairing import PairingServer, PairingService
-from node.printers.base import PrinterDriver
-from node.replica import Replica
-from node.scheduling import Scheduling
-from node.signing import StateSigning, StateVerifier
+from node.link.signing import StateSigning, StateVerifier
 from node.tasks import cancel_and_wait
-from node.worker import Worker
+from node.worker.printers.base import PrinterDriver
+from node.worker.worker import Worker
 from shared import PROTOCOL_VERSION, security
 from shared import protocol as P
 from shared.errors import ConfigError, FileStoreError, NetqError
@@ -63,11 +63,11 @@ def make_printer(settings: Settings) -> PrinterDriver | None:
     if p.driver == "none":
         return None
     if p.driver == "octoprint":
-        from node.printers.octoprint import OctoPrintDriver
+        from node.worker.printers.octoprint import OctoPrintDriver
 
         assert p.url and p.api_key
         return OctoPrintDriver(p.url, p.api_key, port=p.port)
-    from node.printers.simulated import SimulatedPrinter
+    from node.worker.printers.simulated import SimulatedPrinter
 
     return SimulatedPrinter(p.name or settings.node_id, time_scale=p.time_scale, journal=p.journal,
                             default_duration=p.default_duration_s)
@@ -161,7 +161,7 @@ class NodeAgent:
                 log.warning("%s: printer not connected yet: %s", self.node_id, exc)
         if self.worker is not None:
             await self.worker.start()
-        self.node_api, self.homeassistant = NodeApi(self), HomeAssistantPublisher(self)
+        self.node_api, self.homeassistant = NodeCommands(self), HomeAssistantPublisher(self)
         await self.node_api.start()
         await self.homeassistant.start()
         await self.link.start()

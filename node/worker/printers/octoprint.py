@@ -25,7 +25,7 @@ from urllib.parse import quote, urlsplit
 import requests
 from octorest import OctoRest  # type: ignore[import-untyped]
 
-from node.printers.base import PrinterState, PrinterStatus
+from node.worker.printers.base import PrinterState, PrinterStatus
 from shared.errors import PrinterError, PrinterOffline
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ def remote_name(name: str) -> str:
 
 
 class OctoPrintDriver:
-    """A :class:`~node.printers.base.PrinterDriver` for one printer connected to one OctoPrint."""
+    """A :class:`~node.worker.printers.base.PrinterDriver` for one printer connected to one OctoPrint."""
 
     def __init__(
         self,

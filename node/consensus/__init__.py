@@ -1,0 +1,1 @@
+"""The replicated farm state: the quorum protocol and the SQLite replica it persists to."""

@@ -1,0 +1,1 @@
+"""What the farm shows to other systems (Home Assistant)."""
