@@ -31,7 +31,7 @@ The rest of the cycle, on a real printer:
   phase ``ready`` / ``printing`` / ``ok`` / ``failed``). A print the printer still runs is followed to its end
   (its set and run read from the name the printer reports); a run the printer was never called for is
   started; a run that was called and is no longer printing has an unknown outcome and is reported failed for
-  an operator to resolve — never started twice.
+  an operator to resolve — never started twice. The whole decision is one table, in node/worker/recovery.py.
 """
 
 from __future__ import annotations
@@ -43,12 +43,13 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 from node.consensus.consensus import Consensus
 from node.files.analysis import refusal_before_print
 from node.link.base import Link
 from node.tasks import cancel_and_wait
+from node.worker import recovery
 from node.worker.printers.base import PrinterDriver, PrinterState
 from shared import claims
 from shared import protocol as P
@@ -670,82 +671,47 @@ class Worker:
             await asyncio.sleep(min(1.0, self.settings.timing.work_retry_s))
 
     async def _recover(self, held: Held, job: Job, printer_state: PrinterState, file: str | None) -> None:
-        """After a restart: follow a print that is still running, never start one that may have run."""
+        """After a restart: follow a print that is still running, never start one that may have run.
+
+        The table in node/worker/recovery.py decides; this gathers its inputs and carries out its answer."""
         self.current = held
-        local: dict[str, Any] | None = self.c.replica.get_meta("local_copy")
-        if local and (local.get("key") != held.key or local.get("copy") != held.copy_index
-                      or tuple(local.get("grant") or held.grant) != tuple(held.grant)):
-            local = None
-        si = int(local["set"]) if local else 0
-        run = int(local["run"]) if local else 0
-        phase = str(local.get("phase") or "printing") if local else "printing"
-        if printer_state not in (PrinterState.PRINTING, PrinterState.PAUSED) and not self._committed(held.key):
-            # What our replica says may be an entry its arbiter never got committed (we may have been that
-            # arbiter): a start we hold is not ours to print, nor to report on, until the farm confirms it.
-            # Found by the LAN chaos tests: an arbiter killed just after proposing its own start came back and
-            # printed the copy, which the next arbiter had (rightly) as only granted, and granted again.
-            self.current = None
-            if self.state != WorkerState.REQUESTING:
-                # (Just after asking, this is a grant that was also the start, committed a moment later: no
-                # state to publish to every node in that moment, which would only delay the commit.)
-                self._set(WorkerState.FETCHING, "waiting for the farm to confirm the start")
-            await self._wait(self.settings.timing.work_retry_s)
-            return
-        following = printer_state in (PrinterState.PRINTING, PrinterState.PAUSED)
-        more = local is None or phase == "ready" or (
-            phase == "ok" and (run + 1 < job.sets[si].count or si + 1 < len(job.sets)))
-        paths: list[Path] = []
-        if following:
-            paths = [await self.ensure_file(s.sha256, list(s.holders), self._fetch_progress) for s in job.sets]
-        elif more:  # the printer is to be called again: its files first (tried, then the copy is requeued)
-            fetched = await self._fetch_files(held, job)
-            if fetched is None:
-                return
-            paths = fetched
-        if following:
-            at = parse_print_name(job.id, held.copy_index, file)
-            if at is None:
-                # Not ours: someone printed by hand. Wait for the printer; our copy stays where it is.
+        local = self.c.replica.get_meta("local_copy")
+        action = recovery.decide(recovery.Situation(
+            record=recovery.record_of(local, held.key, held.copy_index, held.grant), printer=printer_state,
+            prints=parse_print_name(job.id, held.copy_index, file), committed=self._committed(held.key),
+            counts=tuple(s.count for s in job.sets)))
+        match action:
+            case recovery.AwaitStart():
+                self.current = None
+                if self.state != WorkerState.REQUESTING:
+                    # (Just after asking, this is a grant that was also the start, committed a moment later:
+                    # no state to publish to every node in that moment, which would only delay the commit.)
+                    self._set(WorkerState.FETCHING, "waiting for the farm to confirm the start")
+                await self._wait(self.settings.timing.work_retry_s)
+            case recovery.Busy():
                 self.current = None
                 self._set(WorkerState.ERROR, f"printer busy with a print netqueues did not start ({file})")
                 await self._wait(self.settings.timing.work_retry_s)
-                return
-            log.info("%s: following the print of %s (set %d, run %d) that was running before a restart",
-                     self.node_id, file, at[0], at[1])
-            await self._print_all(held, job, paths, at[0], at[1], following=True)
-            return
-        if phase.startswith("finishing:"):  # every print ended; only the report's commit was not seen yet
-            await self._finish(held, P.Outcome(phase.split(":", 1)[1]), local.get("reason") if local else None)
-            await self._clear_bed()
-            return
-        if local is None:
-            # No record of this copy: we never reached the point of calling the printer for it (the record is
-            # written before the first call). Either the arbiter granted and started it at once (we asked with
-            # start_now and hold its files), or the start was committed just as we were paused, cut off or
-            # restarted: print it from the beginning instead of calling it failed.
-            log.info("%s: %s#%d is started and was never sent to the printer: printing it now", self.node_id,
-                     held.job, held.copy_index)
-            await self._print_all(held, job, paths, 0, 0)
-            return
-        if phase == "ready":  # the printer was never called for this run: go on from there
-            await self._print_all(held, job, paths, si, run)
-            return
-        if phase == "failed":
-            await self._finish(held, P.Outcome.REQUEUE, local.get("reason") if local else None)
-            await self._clear_bed()
-            return
-        if phase == "ok":
-            nxt = (si, run + 1) if run + 1 < job.sets[si].count else (si + 1, 0)
-            if nxt[0] < len(job.sets):
-                await self._print_all(held, job, paths, nxt[0], nxt[1])
-            else:
-                await self._finish(held, P.Outcome.DONE, None)
-                await self._clear_bed()
-            return
-        # The printer was called for this run, is not printing it, and we cannot know whether it completed:
-        # say so and let an operator decide (job/resolve), rather than risk printing it twice.
-        await self._finish(held, P.Outcome.FAILED, "the node restarted during this print and its outcome is "
-                                                   "unknown: check the printer, then resolve the copy")
+            case recovery.Follow(set_index=si, run=run):
+                paths = [await self.ensure_file(s.sha256, list(s.holders), self._fetch_progress)
+                         for s in job.sets]
+                log.info("%s: following the print of %s (set %d, run %d) that was running before a restart",
+                         self.node_id, file, si, run)
+                await self._print_all(held, job, paths, si, run, following=True)
+            case recovery.Print(set_index=si, run=run, why=why):
+                # The printer is to be called again: its files first (tried, then the copy is requeued).
+                fetched = await self._fetch_files(held, job)
+                if fetched is None:
+                    return
+                log.info("%s: %s#%d after a restart: printing it from set %d, run %d (%s)", self.node_id,
+                         held.job, held.copy_index, si, run, why)
+                await self._print_all(held, job, fetched, si, run)
+            case recovery.Report(outcome=outcome, reason=reason, clear_bed=clear_bed):
+                await self._finish(held, outcome, reason)
+                if clear_bed:
+                    await self._clear_bed()
+            case _:
+                assert_never(action)
 
     def _fetch_progress(self, done: int, total: int | None) -> None:
         self.progress = done / total if total else None
