@@ -186,7 +186,7 @@ class MemFarm:
         """The serving arbiter, once ``members`` members are enrolled and no membership change is pending."""
         node: MemNode = await self.wait_for(
             lambda: (a := self.arbiter()) and len(a.consensus.members) == members
-            and not a.arbiter.member_change_pending and a, timeout, f"an arbiter with {members} members")
+            and not a.arbiter.requests.member_change_pending and a, timeout, f"an arbiter with {members} members")
         return node
 
     @staticmethod

@@ -1,4 +1,5 @@
-"""The arbiter's services: the API requests, grants, starts and finishes, leases, members coming and going.
+"""The arbiter's services: grants, starts and finishes, leases, members coming and going, the retained view;
+the API requests are answered by :class:`node.arbiter.requests.RequestHandler`, which commits through here.
 
 They run on every node but act only while :class:`node.consensus.consensus.Consensus` says this node is the serving
 arbiter. Every change goes through ``consensus.propose`` and is answered, announced and published to the
@@ -10,30 +11,26 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from node.app import node_commands
-from node.arbiter import url_jobs
 from node.arbiter.grant_backoff import GrantBackoff
+from node.arbiter.requests import ArbiterHooks, RequestHandler
 from node.arbiter.scheduler_bridge import Scheduling
-from node.consensus.consensus import Consensus, NotCommitted, Role
-from node.files import holder_check
+from node.consensus.consensus import Consensus, Role
 from node.files.analysis import Verdicts
 from node.files.replication import FileReplication
 from node.files.store import FileStore
-from node.files.url_guard import UrlPolicy
 from node.integrations.homeassistant.publisher import node_event, remove_node_entities
-from node.link.base import Link, Message
+from node.link.base import Link
 from node.link.signing import StateSigning
 from node.tasks import cancel_and_wait
-from shared import claims, farm_api, membership, security
+from shared import claims, farm_api, membership
 from shared import protocol as P
 from shared import scheduling as S
 from shared.errors import RequestError
-from shared.models import CopyState, Job, Model, job_key, member_key, txn_key
+from shared.models import CopyState, Job, Model, job_key, member_key
 from shared.settings import Settings
 from shared.topics import Topics
 
@@ -57,11 +54,6 @@ class ArbiterServices:
         verdicts: Verdicts | None = None,
     ) -> None:
         self.settings = settings
-        self.store = store  # where job/add downloads files given by URL
-        # The G-code policy scans of our store (shared with our file server's upload check, when given). None
-        # without a store: the in-memory test farm, whose nodes have no file servers to ask.
-        self.verdicts = verdicts if verdicts is not None or store is None else Verdicts(store, settings.gcode)
-        self._downloads: set[asyncio.Task[None]] = set()
         self.c = consensus
         self.link = link
         self.topics = Topics(settings.farm.base_topic, settings.homeassistant.prefix)
@@ -79,14 +71,17 @@ class ArbiterServices:
         self.leases: dict[tuple[str, str, int], float] = {}
         self.gone: set[str] = set()
         self.serving_since: float | None = None
-        self.member_change_pending = False
         self._refused_joins: set[str] = set()  # retired nodes that asked to join: logged once each
         self.replication = FileReplication(self)
-        self._inflight: set[str] = set()  # transactions accepted but not yet answered
         self._recent_jobs: deque[str] = deque(maxlen=16)  # keys of the last jobs added (see _dispatch)
         self._last_gc = 0.0
         self._last_upkeep = 0.0
         self._task: asyncio.Task[None] | None = None
+        hooks = ArbiterHooks(active=lambda: self.active, nodes=nodes, info=self.info, reachable=self._reachable,
+                             commit=self.commit, retiring=self._retiring, retired=self._retired,
+                             job_added=self._recent_jobs.append)
+        self.requests = RequestHandler(settings, consensus, link, self.topics, self.signing, scheduling,
+                                       self.replication, hooks, clock, wall, store=store, verdicts=verdicts)
         consensus.to_arbiter_handlers.append(self._on_message)
         consensus.on_role.append(self._on_role)
         consensus.listeners.append(self._on_change)
@@ -95,13 +90,12 @@ class ArbiterServices:
         consensus.on_availability.append(self._publish_bridge)
 
     async def start(self) -> None:
-        self.link.subscribe(self.topics.request_filter, self._on_request)
+        self.link.subscribe(self.topics.request_filter, self.requests.handle)
         self.link.on_connection(self._on_connection)
         self._task = asyncio.create_task(self._ticker(), name=f"arbiter-{self.settings.node_id}")
 
     async def stop(self) -> None:
-        for task in list(self._downloads):
-            task.cancel()
+        self.requests.cancel()
         await cancel_and_wait([self._task])
         self._task = None
 
@@ -116,7 +110,7 @@ class ArbiterServices:
             self.leases.clear()
             self.gone.clear()
             self.serving_since = None
-            self.member_change_pending = False
+            self.requests.member_change_pending = False
 
     def _on_change(self) -> None:
         if self.c.role == Role.ARBITER and self.c.serving and self.serving_since is None:
@@ -237,159 +231,6 @@ class ArbiterServices:
 
         fut.add_done_callback(done)
 
-    # --- API requests ------------------------------------------------------------------------------------
-    def _respond(self, path: str, status: str, data: dict[str, Any], txn: str | None,
-                 error: str | None = None) -> None:
-        topic = self.topics.response(path)
-        answer = farm_api.response(status, data, txn, error)
-        self.link.publish(topic, self.signing.sign_payload(topic, answer), qos=1)
-
-    def _on_request(self, msg: Message) -> None:
-        path = self.topics.request_path(msg.topic)
-        if path is None or msg.retain or not self.active:
-            return
-        if path in node_commands.NODE_COMMANDS:  # answered by the addressed node; errors no node can answer here
-            error = node_commands.routing_error(path, msg.payload, lambda n: n in self.c.members or n in self.nodes())
-            if error is not None:
-                self._respond(path, "error", {}, _peek_transaction(msg.payload), error)
-            return
-        txn = _peek_transaction(msg.payload)
-        change_members = path in farm_api.MEMBERSHIP
-        try:
-            body, txn = farm_api.parse_envelope(path, msg.payload)
-            if path in farm_api.READING:
-                ctx = self._context()
-                self._respond(path, "ok", farm_api.READING[path](self.c.state, body, ctx).data, txn)
-                return
-            handler = farm_api.MUTATING.get(path)
-            if handler is None:
-                raise RequestError(f"unknown request {path!r}; known: "
-                                   + ", ".join(sorted([*farm_api.MUTATING, *farm_api.READING, *node_commands.NODE_COMMANDS])))
-            if txn is not None:
-                stored = self.c.state.get(txn_key(txn))
-                if stored is not None and stored.get("path") == path:
-                    # A retry, applied once already: ok only once that is committed (our replica also holds
-                    # our own uncommitted entries); until then the commit, or its failure, answers.
-                    if self.c.is_committed(self.c.state.objects[txn_key(txn)].stamp):
-                        self._respond(path, "ok", stored["data"], txn)
-                    return
-                if txn in self._inflight:
-                    return  # a retry of a request still in progress: the first answer will do for both
-            if path == "job/add" and url_jobs.has_urls(body):
-                self._add_from_urls(msg.topic, body, txn)  # download first, then come back here
-                return
-            outcome = handler(self.c.state, body, self._context())
-            if change_members and self.member_change_pending:
-                raise RequestError("another membership change is being committed; retry in a moment")
-        except RequestError as exc:
-            self._respond(path, "error", {}, txn, str(exc))
-            return
-        if txn is not None:
-            self._inflight.add(txn)
-        if change_members:
-            self.member_change_pending = True  # one at a time, so consecutive quorums overlap
-            self._retiring(outcome.data["node"], outcome.writes)
-
-        def answer(exc: BaseException | None) -> None:
-            if txn is not None:
-                self._inflight.discard(txn)
-            if change_members:
-                self.member_change_pending = False
-                if exc is None:
-                    self._retired(outcome.data["node"])
-            if exc is None:
-                self._respond(path, "ok", outcome.data, txn)
-            else:
-                self._respond(path, "error", {}, txn, f"not committed ({exc}); retry with the same transaction")
-
-        def proceed(extra_holders: dict[str, list[str]]) -> None:
-            if not self.active:
-                answer(NotCommitted("this node stopped being the arbiter"))
-                return
-            writes = [_with_holders(k, v, extra_holders) for k, v in outcome.writes]
-            if path == "job/add":
-                self._recent_jobs.append(writes[0][0])
-            if txn is not None:
-                writes.append((txn_key(txn), {"path": path, "data": outcome.data, "ts": self.wall()}))
-            self._commit(writes, outcome.events, answer)
-
-        if path == "job/add":
-            # Acknowledge only once a holder the job names is known to hold each file and the file passes the
-            # G-code policy, and once the job's files are on two nodes, so it survives the loss of either.
-            _, value = outcome.writes[0]
-            assert value is not None
-            self._check_files(value, txn, lambda: self.replication.before_add(value, self.clock(), proceed))
-        else:
-            proceed({})
-
-    def _check_files(self, job: dict[str, Any], txn: str | None, then: Callable[[], None]) -> None:
-        """Ask the holders of a job/add's files (node/files/holder_check.py), then ``then()``; or answer the
-        refusal. The check is bounded in time, so the request is answered either way."""
-        if self.verdicts is None:
-            then()
-            return
-        key = self.settings.farm.key_bytes
-        token = None if key is None else security.file_token(key, security.Role.NODE)
-
-        async def check() -> None:
-            try:
-                await holder_check.check_job_files(job["sets"], own_id=self.c.node_id, verdicts=self.verdicts,
-                                                   nodes=self.nodes(), gcode=self.settings.gcode, token=token)
-            except Exception as exc:  # the request is answered whatever went wrong
-                if not isinstance(exc, RequestError):
-                    log.exception("checking the files of a job/add failed")
-                    exc = RequestError(f"the job's files could not be checked ({exc.__class__.__name__}); retry")
-                if txn is not None:
-                    self._inflight.discard(txn)
-                self._respond("job/add", "error", {}, txn, str(exc))
-                return
-            then()
-
-        task = asyncio.create_task(check(), name="job-add-check")
-        self._downloads.add(task)  # cancelled by stop(), as the URL downloads are
-        task.add_done_callback(self._downloads.discard)
-
-    def _add_from_urls(self, topic: str, body: dict[str, Any], txn: str | None) -> None:
-        """Download the sets given by URL into our store, then handle the request as a plain job/add."""
-        if txn is not None:
-            self._inflight.add(txn)
-
-        async def download() -> None:
-            try:
-                # Never the farm's own nodes (their file servers' and the broker's hosts), whatever url_allow says.
-                policy = UrlPolicy.for_farm(self.settings.files.url_allow, self.nodes(),
-                                            getattr(self.link, "address", None))
-                resolved = await url_jobs.resolve(body, self.store, self.c.node_id, gcode=self.settings.gcode,
-                                                      policy=policy)
-            except RequestError as exc:
-                self._respond("job/add", "error", {}, txn, str(exc))
-                return
-            finally:
-                if txn is not None:
-                    self._inflight.discard(txn)
-            if not self.active:
-                self._respond("job/add", "error", {}, txn, "the arbiter changed during the download; retry with "
-                                                           "the same transaction")
-                return
-            payload = dict(resolved, **({"transaction": txn} if txn is not None else {}))
-            self._on_request(Message(topic, json.dumps(payload).encode()))
-
-        task = asyncio.create_task(download(), name="job-add-download")
-        self._downloads.add(task)
-        task.add_done_callback(self._downloads.discard)
-
-    def _context(self) -> farm_api.Context:
-        nodes = self.nodes()
-        members = list(self.c.members)
-        return farm_api.Context(
-            now=self.wall(), new_id=lambda: uuid.uuid4().hex[:12], nodes=nodes, info=self.info(),
-            reachable=frozenset(self._reachable()),
-            unprintable=lambda job: self.scheduling.why_unprintable(
-                job, self.scheduling.printers(nodes, members, online_only=False)),
-            waiting_reason=lambda job: self.scheduling.why_unprintable(
-                job, self.scheduling.printers(nodes, members, online_only=True)),
-        )
-
     # --- members' protocol messages ----------------------------------------------------------------------
     def _on_message(self, m: Any) -> None:
         if not self.active:
@@ -435,7 +276,7 @@ class ArbiterServices:
 
     def _join(self, m: P.Join) -> None:
         """Enroll a member: one membership change at a time, so consecutive quorums overlap."""
-        if m.node in self.c.members or self.member_change_pending:
+        if m.node in self.c.members or self.requests.member_change_pending:
             return
         refused = membership.refuse_enrollment(self.c.state, m.node)
         if refused is not None:
@@ -444,11 +285,11 @@ class ArbiterServices:
             self._refused_joins.add(m.node)
             log.log(level, "not enrolling %s: %s", m.node, refused)
             return
-        self.member_change_pending = True
+        self.requests.member_change_pending = True
         member = membership.enrollment(m.node, witness=m.witness, now=self.wall())  # weight: the farm's rule
 
         def settled(exc: BaseException | None) -> None:
-            self.member_change_pending = False
+            self.requests.member_change_pending = False
 
         self._commit([(member_key(m.node), member.model_dump(mode="json"))],
                      [{"event": "enrolled", "node": m.node, "witness": m.witness}], settled)
@@ -633,26 +474,8 @@ class ArbiterServices:
             self._commit([(k, None) for k in old[:500]], [])
 
 
-def _with_holders(key: str, value: dict[str, Any] | None, extra: dict[str, list[str]]) -> Write:
-    if value is None or not extra:
-        return (key, value)
-    sets = [dict(s, holders=[*s["holders"], *[h for h in extra.get(s["sha256"], []) if h not in s["holders"]]])
-            for s in value["sets"]]
-    return (key, dict(value, sets=sets))
-
-
 def _holds_every_file(node: str) -> Callable[[Job], bool]:
     return lambda job: all(node in s.holders for s in job.sets)
-
-
-def _peek_transaction(payload: bytes) -> str | None:
-    """The transaction of a payload we may not be able to parse, to echo it in the error response."""
-    try:
-        raw = farm_api.loads_bounded(payload, max_bytes=farm_api.MAX_REQUEST_BYTES)  # bounded: never RecursionError
-    except RequestError:
-        return None
-    txn = raw.get("transaction") if isinstance(raw, dict) else None
-    return txn if isinstance(txn, str) and len(txn) <= 100 else None
 
 
 def _version() -> str:

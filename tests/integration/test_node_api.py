@@ -394,7 +394,7 @@ async def test_netq_node_retire_removes_the_member_its_entities_and_its_state(fa
     disc, summary, state = f"netq_{victim}", f"netq/nodes/{victim}/summary", f"netq/nodes/{victim}/state"
     await until(lambda: D.config_topic(client.topics, "sensor", disc, "state") in client.retained
                 and summary in client.retained, f"{victim}'s discovery")
-    await until(lambda: not arbiter.arbiter.member_change_pending, "the last enrollment committed")
+    await until(lambda: not arbiter.arbiter.requests.member_change_pending, "the last enrollment committed")
 
     out = await asyncio.to_thread(_netq, farm.broker, "node", "retire", victim, "--yes")
     assert out["node"] == victim and victim not in out["members"] and len(out["members"]) == 2

@@ -76,7 +76,7 @@ class Farm:
 
     async def ready(self, members: int) -> None:
         await until(lambda: (a := self.arbiter()) is not None and len(a.consensus.members) == members
-                    and not a.arbiter.member_change_pending, f"an arbiter with {members} members")
+                    and not a.arbiter.requests.member_change_pending, f"an arbiter with {members} members")
 
     async def stop(self) -> None:
         for client in self.clients:

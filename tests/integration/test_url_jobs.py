@@ -219,11 +219,11 @@ async def test_job_add_by_url_to_loopback_is_answered_with_an_error(tmp_path: Pa
     await farm.start()
     try:
         arb = await farm.ready(1)
-        arb.arbiter.store = FileStore(tmp_path / "arbiter-files")
+        arb.arbiter.requests.store = FileStore(tmp_path / "arbiter-files")
         async with serving() as server:
             r = await farm.request("job/add", {"sets": [{"url": f"{server.base}/file.gcode"}]}, "u1")
             assert r["status"] == "error" and "loopback" in r["error"], r
             assert server.hits == []
-        assert arb.consensus.state.jobs() == [] and nothing_stored(arb.arbiter.store)
+        assert arb.consensus.state.jobs() == [] and nothing_stored(arb.arbiter.requests.store)
     finally:
         await farm.stop()

@@ -13,7 +13,7 @@ import pytest
 
 from node.app import node_commands
 from node.app.client import FarmClient
-from node.arbiter.services import _peek_transaction
+from node.arbiter.requests import _peek_transaction
 from node.link.base import Message
 from shared import farm_api
 from shared import protocol as P
