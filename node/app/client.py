@@ -138,7 +138,8 @@ class FarmClient:
         if resp.get("status") != "ok":
             raise RequestError(str(resp.get("error", "unknown error")))
         data = resp.get("data", {})
-        assert isinstance(data, dict)
+        if not isinstance(data, dict):  # a network answer: checked, not asserted (asserts vanish under -O)
+            raise RequestError(f"malformed answer to {path}: its data is not an object")
         return data
 
     # --- retained state ----------------------------------------------------------------------------------
