@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import socket
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -60,7 +64,26 @@ class AmqttServer:
     async def stop(self) -> None:
         if self.broker is not None:
             broker, self.broker = self.broker, None
-            await broker.shutdown()  # a second shutdown() of one instance raises: only ever once
+            with amqtt_server_leaks():
+                await broker.shutdown()  # a second shutdown() of one instance raises: only ever once
+                # Let the loop run what closing its connections scheduled (a transport's close() finishes in a
+                # callback): a test's loop closed before that leaves sockets unclosed, reported in a later test.
+                for _ in range(3):
+                    await asyncio.sleep(0)
+
+
+@contextmanager
+def amqtt_server_leaks() -> Iterator[None]:
+    """Around stopping a client of amqtt or amqtt itself: amqtt 0.12.1 never closes the server side of a
+    connection whose client disconnects while a QoS 1 delivery to it is in flight (a stopping node publishes its
+    retained "offline" state to a topic it is subscribed to, then disconnects), and now and then its session
+    handler dies of "dictionary changed size during iteration" with the same effect. Those sockets are
+    collected here, their ResourceWarning ignored: it is not ours, and must not fail whichever later test the
+    garbage collector runs in."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        yield
+        gc.collect()
 
 
 @pytest.fixture

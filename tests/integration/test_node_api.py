@@ -7,14 +7,11 @@ zeroconf) on 127.0.0.1 and talks to them only through MQTT, as a script or Home 
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import json
 import subprocess
 import sys
-import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +26,7 @@ from node.link.base import Message
 from shared import security
 from shared.models import CopyState, Material, WorkerState, job_key
 from shared.settings import Settings
-from tests.conftest import AmqttServer
+from tests.conftest import AmqttServer, amqtt_server_leaks
 from tests.waiting import until as _until
 
 pytestmark = pytest.mark.integration
@@ -113,19 +110,6 @@ class Farm:
         return dict(json.loads(msg.payload))
 
 
-@contextmanager
-def amqtt_server_leaks() -> Iterator[None]:
-    """Around stopping a node mid-test: amqtt 0.12.1 never closes the server side of a connection whose client
-    disconnects while a QoS 1 delivery to it is in flight (a stopping node publishes its retained "offline"
-    state to a topic it is subscribed to, then disconnects), and now and then its session handler dies of
-    "dictionary changed size during iteration" with the same effect. Those sockets are collected here, their
-    ResourceWarning ignored: it is not ours, and must not fail whichever later test the collector runs in."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        yield
-        gc.collect()
-
-
 @pytest.fixture
 async def broker() -> AsyncIterator[tuple[str, int]]:
     """A real amqtt broker on 127.0.0.1 and a free port."""
@@ -134,8 +118,7 @@ async def broker() -> AsyncIterator[tuple[str, int]]:
     try:
         yield server.address
     finally:
-        with amqtt_server_leaks():
-            await server.stop()
+        await server.stop()  # collects amqtt's own leaks (tests.conftest.amqtt_server_leaks)
 
 
 @pytest.fixture
