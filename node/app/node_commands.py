@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import Field
 
 from node.app.node_view import NodeView
+from node.consensus.meta import MetaRecord, Slot
 from node.integrations.homeassistant.summary import material_label, parse_material
 from node.link.base import Message
 from node.link.signing import StateSigning
@@ -58,6 +59,27 @@ SETTLE_S = 2.0  # how long a pause waits for the worker to show it before answer
 RELEASE_TIMEOUT_S = 10.0
 _POLL_S = 0.02
 META_KEY = "node_api"
+
+
+class SavedConfig(MetaRecord):
+    """The settings of the config file that node commands change, as they were when the state was saved."""
+
+    accept_jobs: bool
+    materials: list[Material | None]  # per tool
+
+
+class NodeCommandsState(MetaRecord):
+    """What node commands changed, kept across a restart (replica meta ``node_api``); each setting is restored
+    unless the config file changed it since (``config``)."""
+
+    config: SavedConfig
+    accept_jobs: bool
+    paused: bool = False
+    materials: list[Material | None]  # loaded, per tool
+
+
+# Node commands' row of the replica's metadata (node/consensus/meta.py); None: never saved.
+SAVED_STATE: Slot[NodeCommandsState | None] = Slot(META_KEY, NodeCommandsState | None, None)
 
 
 class NodeRef(farm_api.Req):
@@ -280,29 +302,23 @@ class NodeCommands:
         w.on_state()
 
     # --- surviving restarts ------------------------------------------------------------------------------
-    def _config(self) -> dict[str, Any]:
+    def _config(self) -> SavedConfig:
         s = self.agent.settings
-        return {"accept_jobs": s.worker.accept_jobs,
-                "materials": [m.model_dump(mode="json") if m else None for m in s.printer.materials]}
+        return SavedConfig(accept_jobs=s.worker.accept_jobs, materials=list(s.printer.materials))
 
     def _save(self, w: Worker) -> None:
-        self.agent.replica.set_meta(**{META_KEY: {
-            "config": self._config(), "accept_jobs": w.accept_jobs, "paused": w.paused,
-            "materials": [m.model_dump(mode="json") if m else None for m in w.capabilities.materials]}})
+        self.agent.replica.write(SAVED_STATE.of(NodeCommandsState(
+            config=self._config(), accept_jobs=w.accept_jobs, paused=w.paused,
+            materials=list(w.capabilities.materials))))
 
     def _restore(self) -> None:
         w = self.agent.worker
-        saved = self.agent.replica.get_meta(META_KEY)
-        if w is None or not isinstance(saved, dict):
+        saved = self.agent.replica.read(SAVED_STATE)
+        if w is None or saved is None:
             return
-        config = saved.get("config", {})
         now = self._config()
-        w.paused = bool(saved.get("paused", False))
-        if config.get("accept_jobs") == now["accept_jobs"]:
-            w.accept_jobs = bool(saved.get("accept_jobs", w.accept_jobs))
-        if config.get("materials") == now["materials"] and isinstance(saved.get("materials"), list):
-            try:
-                loaded = [Material.model_validate(m) if m else None for m in saved["materials"]]
-            except ValueError:
-                return
-            w.capabilities = w.capabilities.model_copy(update={"materials": loaded})
+        w.paused = saved.paused
+        if saved.config.accept_jobs == now.accept_jobs:
+            w.accept_jobs = saved.accept_jobs
+        if saved.config.materials == now.materials:
+            w.capabilities = w.capabilities.model_copy(update={"materials": list(saved.materials)})

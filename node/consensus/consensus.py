@@ -119,10 +119,11 @@ class Consensus:
         self._rng = rng or random.Random()
 
         self.state = FarmState(replica.load())
-        self.farm: str | None = replica.get_meta("farm")
-        self.term = replica.term
-        self.applied: Stamp = replica.applied
-        self.base: Stamp = tuple(replica.get_meta("base", [0, 0]))
+        hard = replica.hard_state()
+        self.farm: str | None = hard.farm
+        self.term = hard.term
+        self.applied: Stamp = hard.applied
+        self.base: Stamp = hard.base
         self.commit: Stamp = ZERO_STAMP  # (term, seq) known committed; only meaningful for our applied term
         self.role = Role.FOLLOWER
         self.arbiter: str | None = None
@@ -148,7 +149,7 @@ class Consensus:
         self.boot = replica.next_boot(at_least=int(wall()))
         self._sealer = None if key is None else Sealer(key, self.node_id, self.boot)
         self._opener = None if key is None else Opener(
-            key, boots=replica.peer_boots, on_boot=replica.set_peer_boots, drops=self.drops)
+            key, boots=dict(hard.peer_boots), on_boot=replica.set_peer_boots, drops=self.drops)
         self._own_mark = b" ".join((_SEAL_TAG, self.node_id.encode(), b""))
         self._warned: set[tuple[str, str | None]] = set()
         self._term_arbiter: tuple[int, str] | None = None  # the arbiter we know of the current term
@@ -175,8 +176,7 @@ class Consensus:
         self._settle_at: Stamp | None = None
         self._touched_since: set[str] = set()
         if self.available:
-            raw = replica.get_meta("unconfirmed", []) or []
-            self.records = {r["key"]: M.MergeRecord.model_validate(r, strict=False) for r in raw}
+            self.records = {r.key: r for r in hard.unconfirmed}
         # Set by the arbiter services: commits an offer's merge and publishes its writes and events.
         self.merge_commit: Callable[[list[tuple[str, dict[str, Any] | None]], list[dict[str, Any]],
                                      Callable[[BaseException | None], None]], None] | None = None
@@ -366,7 +366,7 @@ class Consensus:
         if term > self.term:
             self.term = term
             self._settle_at = None  # that merge may never be committed: our records stay, to be offered again
-            self.replica.set_meta(term=term)
+            self.replica.set_term(term)
             if self.role != Role.FOLLOWER:
                 self._step_down(f"saw term {term}")
 
@@ -446,7 +446,7 @@ class Consensus:
         self._publish(self.topics.to_arbiter(arbiter), P.Ack(node=self.node_id, term=self.term, seq=0), qos=0)
 
     def _join_farm(self, farm: str) -> str:
-        self.replica.set_meta(farm=farm)
+        self.replica.set_farm(farm)
         return farm
 
     def _learn_commit(self, term: int, seq: int) -> None:
@@ -506,13 +506,9 @@ class Consensus:
     def _apply(self, stamp: Stamp, writes: list[StoredObject], *, snapshot: bool, partial: bool = False) -> None:
         # The objects, `applied`, a snapshot's `base` and the records of a split go to disk in one transaction:
         # a crash between a snapshot's objects and its base left a stale base, which a later merge counted.
-        meta: dict[str, Any] = {}
         records = self._records_after(writes, snapshot=snapshot, partial=partial) if self.available else None
-        if records is not None:
-            meta["unconfirmed"] = self._records_json(records)
-        if snapshot:
-            meta["base"] = [stamp[0], 1]
-        self.replica.apply(stamp, writes, snapshot=snapshot, meta=meta)
+        self.replica.apply(stamp, writes, snapshot=snapshot, base=(stamp[0], 1) if snapshot else None,
+                           records=None if records is None else records.values())
         if records is not None:
             self.records = records
         if snapshot:
@@ -1105,11 +1101,7 @@ class Consensus:
     def _store_records(self, records: dict[str, M.MergeRecord]) -> None:
         """Our records, kept durably (replica meta ``unconfirmed``) before anything relies on them."""
         self.records = records
-        self.replica.set_meta(unconfirmed=self._records_json(records))
-
-    @staticmethod
-    def _records_json(records: dict[str, M.MergeRecord]) -> list[dict[str, Any]]:
-        return [r.model_dump(mode="json") for r in records.values()]
+        self.replica.store_records(records.values())
 
     def _followers(self, leader: Leadership) -> set[str]:
         """Members that hold our term's snapshot (they acked a seq of it) and were heard lately, and us."""

@@ -18,8 +18,9 @@ are tried (the first that matches wins)::
 
 *printer*: *printing* is PRINTING or PAUSED, *idle* any other state; *(s, r)* when ``parse_print_name``
 reads set ``s`` and run ``r`` of this job copy from the printer's file, *not ours* when it does not. *start*:
-whether the farm has committed the copy's start. *local record*: the replica meta ``local_copy`` if it is of
-this copy under this grant (:func:`record_of`), written before every step a restart must not repeat.
+whether the farm has committed the copy's start. *local record*: the replica meta ``local_copy``
+(:class:`LocalCopy`) if it is of this copy under this grant (:func:`record_of`), written before every step a
+restart must not repeat. A record that cannot be read counts as this copy's, in phase ``printing``.
 
 The safety rule behind the table: a run the printer may have been called for is never started again; only a
 run it was certainly not called for (rows 4, 6, 8) is printed, and only once the start is committed.
@@ -27,10 +28,12 @@ run it was certainly not called for (rows 4, 6, 8) is printed, and only once the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated
 
+from pydantic import Field
+
+from node.consensus.meta import MetaRecord
 from node.worker.printers.base import PrinterState
 from shared import protocol as P
 from shared.models import Stamp
@@ -39,9 +42,27 @@ UNKNOWN_OUTCOME = ("the node restarted during this print and its outcome is unkn
                    "resolve the copy")
 
 
+class LocalCopy(MetaRecord):
+    """The worker's durable record of where it is in the copy it prints (replica meta ``local_copy``), written
+    before every step a restart must not repeat (``Worker._save_local``)."""
+
+    key: str  # the job's object key
+    copy_index: Annotated[int, Field(alias="copy")]
+    grant: Stamp | None = None  # None: a record of before grants were written, taken as the held grant's
+    set_index: Annotated[int, Field(alias="set")]  # -1 while finishing
+    run: int
+    phase: str | None = None  # see Record.phase; None (a record of before phases were written): printing
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """The stored local copy record could not be read: nothing says the printer was not called for the copy."""
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
-    """Where the node was in the copy (replica meta ``local_copy``): the run and its phase."""
+    """Where the node was in the copy (its :class:`LocalCopy`, :func:`record_of`): the run and its phase."""
 
     set_index: int
     run: int
@@ -99,17 +120,19 @@ class Report:
 Action = AwaitStart | Busy | Follow | Print | Report
 
 
-def record_of(local: Mapping[str, Any] | None, key: str, copy_index: int, grant: Stamp) -> Record | None:
+def record_of(local: LocalCopy | Unreadable | None, key: str, copy_index: int, grant: Stamp) -> Record | None:
     """The record ``local`` (replica meta ``local_copy``) if it is of this job copy under ``grant``, or None.
 
-    A record without a grant counts as this grant's; one without a phase as ``printing`` (outcome unknown).
+    A record without a grant counts as this grant's; one without a phase as ``printing`` (outcome unknown). One
+    that cannot be read counts as this copy's, in phase ``printing``: it may have been this copy's, written as
+    the printer was called, and so is never taken for no record (row 4, print from the start).
     """
-    if not local or local.get("key") != key or local.get("copy") != copy_index \
-            or tuple(local.get("grant") or grant) != tuple(grant):
+    if isinstance(local, Unreadable):
+        return Record(set_index=0, run=0, phase="printing")
+    if local is None or local.key != key or local.copy_index != copy_index \
+            or (local.grant is not None and local.grant != grant):
         return None
-    reason = local.get("reason")
-    return Record(set_index=int(local["set"]), run=int(local["run"]),
-                  phase=str(local.get("phase") or "printing"), reason=None if reason is None else str(reason))
+    return Record(set_index=local.set_index, run=local.run, phase=local.phase or "printing", reason=local.reason)
 
 
 def decide(s: Situation) -> Action:

@@ -43,9 +43,12 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, assert_never
+from typing import Annotated, assert_never
+
+from pydantic import Field
 
 from node.consensus.consensus import Consensus
+from node.consensus.meta import MetaRecord, Slot
 from node.files.analysis import refusal_before_print
 from node.link.base import Link
 from node.tasks import cancel_and_wait
@@ -67,6 +70,22 @@ FETCH_TRIES = 3  # tries to fetch a copy's files before it goes back to the queu
 ENDED_KEPT = 256  # copies whose end this node reported, remembered (replica meta ``ended``) newest last
 ProgressCallback = Callable[[int, int | None], None]  # bytes so far, total bytes (None: unknown)
 EnsureFile = Callable[[str, list[str], ProgressCallback], Awaitable[Path]]
+
+
+class EndedCopy(MetaRecord):
+    """A copy whose end this node reported, under its grant (replica meta ``ended``): never printed again."""
+
+    key: str  # the job's object key
+    copy_index: Annotated[int, Field(alias="copy")]
+    grant: Stamp
+    outcome: P.Outcome
+    reason: str | None = None
+
+
+# The worker's rows of the replica's metadata (node/consensus/meta.py); only the worker writes them.
+LOCAL_COPY: Slot[recovery.LocalCopy | None] = Slot("local_copy", recovery.LocalCopy | None, None)  # None: none
+ENDED: Slot[tuple[EndedCopy, ...]] = Slot("ended", tuple[EndedCopy, ...], ())  # at most ENDED_KEPT, newest last
+BED_DIRTY: Slot[bool] = Slot("bed_dirty", bool, False)  # a print ended and its bed was not cleared yet
 
 
 def print_name(job_id: str, copy_index: int, set_index: int, run: int, file: str) -> str:
@@ -161,9 +180,9 @@ class Worker:
         self._released: Stamp | None = None  # grant released because the printer is offline
         self._gave_back: Stamp | None = None  # grant given back because its files could not be fetched
         self._fetch_warned: OrderedDict[tuple[str, int], None] = OrderedDict()  # copies whose failure was said
-        self._bed_dirty = bool(consensus.replica.get_meta("bed_dirty", False))
+        self._bed_dirty = consensus.replica.read(BED_DIRTY)
         # The ends this node reported, by (job key, copy, grant): never printed again (see _report_again).
-        self._ended_list: list[dict[str, Any]] = list(consensus.replica.get_meta("ended", []) or [])
+        self._ended_list = consensus.replica.read(ENDED)
         self._task: asyncio.Task[None] | None = None
         self._last_request = -1e9
         self._requested_key: tuple[int, str | None, bool] | None = None
@@ -456,12 +475,13 @@ class Worker:
         ``phase``: ``ready`` (the printer was not called for this run yet), ``printing`` (it may have been),
         ``ok`` / ``failed`` (the run ended so).
         """
-        self.c.replica.set_meta(local_copy={"key": held.key, "copy": held.copy_index, "grant": list(held.grant),
-                                            "set": si, "run": run, "phase": phase, "reason": reason})
+        self.c.replica.write(LOCAL_COPY.of(recovery.LocalCopy(
+            key=held.key, copy_index=held.copy_index, grant=held.grant, set_index=si, run=run, phase=phase,
+            reason=reason)))
 
     def _mark_bed(self, dirty: bool) -> None:
         self._bed_dirty = dirty
-        self.c.replica.set_meta(bed_dirty=dirty)
+        self.c.replica.write(BED_DIRTY.of(dirty))
 
     async def _print_all(self, held: Held, job: Job, paths: list[Path], start_set: int, start_run: int,
                          following: bool = False) -> None:
@@ -581,21 +601,20 @@ class Worker:
                 return False, f"print {name} failed: {st.reason or 'printer error'}"
             return False, f"print {name} ended: {st.reason or st.last_result or st.state.value}"
 
-    def _ended(self, held: Held) -> dict[str, Any] | None:
+    def _ended(self, held: Held) -> EndedCopy | None:
         """Our own report of how this copy ended under this grant, if we made one."""
         for e in self._ended_list:
-            if e.get("key") == held.key and e.get("copy") == held.copy_index \
-                    and tuple(e.get("grant") or ()) == tuple(held.grant):
-                return dict(e)
+            if e.key == held.key and e.copy_index == held.copy_index and e.grant == held.grant:
+                return e
         return None
 
-    async def _report_again(self, held: Held, copy: JobCopy, ended: dict[str, Any]) -> None:
+    async def _report_again(self, held: Held, copy: JobCopy, ended: EndedCopy) -> None:
         """The farm holds a copy of ours as not yet ended under a grant whose end we already reported.
 
         In safety mode ``available`` the merge of two sides can bring back an older value of a copy (one side
         never saw the end). Printing it again would print it twice on this printer; the outcome is known:
         report it again. (A claimed copy first gets its start committed: only a started copy can end.)"""
-        outcome = P.Outcome(ended["outcome"])
+        outcome = ended.outcome
         log.warning("%s: %s#%d is %s again under grant %s, whose end (%s) we reported: reporting it again, "
                     "not printing it twice", self.node_id, held.job, held.copy_index, copy.state.value,
                     held.grant, outcome.value)
@@ -603,7 +622,7 @@ class Worker:
         if copy.state == CopyState.CLAIMED and not await self._start_committed(held):
             self.current = None
             return
-        await self._finish(held, outcome, ended.get("reason"))
+        await self._finish(held, outcome, ended.reason)
 
     async def _finish(self, held: Held, outcome: P.Outcome, reason: str | None) -> None:
         """Report the end of the copy until the arbiter has committed it (or the copy is no longer ours)."""
@@ -611,10 +630,9 @@ class Worker:
         # mistakes the copy for one whose printer was never called.
         self._save_local(held, -1, -1, f"finishing:{outcome.value}", reason)
         if self._ended(held) is None:  # and for good: see _report_again
-            self._ended_list = [*self._ended_list[-(ENDED_KEPT - 1):], {
-                "key": held.key, "copy": held.copy_index, "grant": list(held.grant), "outcome": outcome.value,
-                "reason": reason}]
-            self.c.replica.set_meta(ended=self._ended_list)
+            self._ended_list = (*self._ended_list[-(ENDED_KEPT - 1):], EndedCopy(
+                key=held.key, copy_index=held.copy_index, grant=held.grant, outcome=outcome, reason=reason))
+            self.c.replica.write(ENDED.of(self._ended_list))
         loop = asyncio.get_running_loop()
         last_sent = -1e9
         last_key = self.c.arbiter_key
@@ -633,7 +651,7 @@ class Worker:
                                           copy_index=held.copy_index, grant=held.grant, outcome=outcome,
                                           reason=reason))
             await self._wait(self.settings.timing.work_retry_s)
-        self.c.replica.set_meta(local_copy=None)
+        self.c.replica.write(LOCAL_COPY.of(None))
         self.current = None
         self.progress = None
         self._requested_key = None  # the arbiter dropped our request when it granted: ask again when idle
@@ -675,7 +693,7 @@ class Worker:
 
         The table in node/worker/recovery.py decides; this gathers its inputs and carries out its answer."""
         self.current = held
-        local = self.c.replica.get_meta("local_copy")
+        local = self.c.replica.read(LOCAL_COPY, unreadable=recovery.Unreadable())
         action = recovery.decide(recovery.Situation(
             record=recovery.record_of(local, held.key, held.copy_index, held.grant), printer=printer_state,
             prints=parse_print_name(job.id, held.copy_index, file), committed=self._committed(held.key),

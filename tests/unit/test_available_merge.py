@@ -248,4 +248,4 @@ async def test_a_merge_settles_records_only_when_every_member_follows_its_arbite
     assert set(c.records) == {"job/default/j1"}  # proposed, not committed: kept either way
     c._learn_commit(7, 3)
     assert bool(c.records) is partial
-    assert bool(c.replica.get_meta("unconfirmed")) is partial  # durably so
+    assert bool(c.replica.hard_state().unconfirmed) is partial  # durably so

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from node.consensus.consensus import Consensus
+from node.consensus.meta import MetaWrite
 from node.consensus.replica import Replica
 from node.link.base import LinkOptions, Message
 from node.link.memory import MemoryBroker, MemoryLink
@@ -48,9 +49,9 @@ class CutReplica(Replica):
         self._write()
         super().apply(*args, **kwargs)
 
-    def set_meta(self, **values: Any) -> None:
+    def write(self, *values: MetaWrite) -> None:
         self._write()
-        super().set_meta(**values)
+        super().write(*values)
 
 
 def _snapshot_from_n2() -> Message:
@@ -87,7 +88,8 @@ async def test_a_power_cut_while_a_snapshot_is_persisted_leaves_objects_applied_
     c.replica.db.conn.close()
 
     after = Replica(path)
-    applied, base = tuple(after.get_meta("applied", [0, 0])), tuple(after.get_meta("base", [0, 0]))
+    hard = after.hard_state()
+    applied, base = hard.applied, hard.base
     objects = {o.key for o in after.load()}
     if applied == (7, 1):
         assert (base, objects) == ((7, 1), {NEW.key})

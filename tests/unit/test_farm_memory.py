@@ -155,7 +155,7 @@ async def test_a_member_past_the_arbiters_term_gets_it_to_step_down_and_follows_
         old_term = arb.consensus.term
         member = next(n for n in farm.nodes if n is not arb)
         member.consensus.term = old_term + 50  # as if it had stood alone for that term
-        member.consensus.replica.set_meta(term=old_term + 50)
+        member.consensus.replica.set_term(old_term + 50)
         new = await farm.wait_for(lambda: (a := farm.arbiter()) and a.consensus.term > old_term + 50 and a, 15,
                                   "an arbiter past the member's term")
         await farm.wait_for(lambda: member.consensus.applied[0] == new.consensus.term, 10,

@@ -111,7 +111,7 @@ def test_a_node_with_neither_key_nor_open_refuses_to_run(tmp_path: Path) -> None
     try:
         with pytest.raises(ConfigError, match=r"netq init.*netq join CODE"):
             _consensus(tmp_path, replica)
-        assert replica.get_meta("boot") is None  # refused before anything was written
+        assert replica.hard_state().boot == 0  # refused before anything was written
         _consensus(tmp_path, replica, open=True)  # an open farm is asked for
     finally:
         replica.close()
@@ -124,15 +124,15 @@ def test_the_boot_grows_durably_with_every_start_and_peer_boots_survive(tmp_path
         first = _consensus(tmp_path, replica, key=key)
         assert first.boot >= int(time.time()) - 1  # at least the wall clock's seconds: a wiped replica is fine
         second = _consensus(tmp_path, replica, key=key)
-        assert second.boot == first.boot + 1 == replica.get_meta("boot")
+        assert second.boot == first.boot + 1 == replica.hard_state().boot
         # The peers' boots the opener sees are stored in the replica, and loaded by the next run.
         assert second._opener is not None
         with pytest.raises(SealError):
             second._opener.open(TOPIC, Sealer(KEY, "n2", boot=41).seal(TOPIC, BODY))  # another farm's key
-        assert replica.get_meta("peer_boots") is None  # a forged seal stores nothing
+        assert replica.peer_boots == {}  # a forged seal stores nothing
         other = security.parse_key(key)
         second._opener.open(TOPIC, Sealer(other, "n2", boot=41).seal(TOPIC, BODY))
-        assert replica.get_meta("peer_boots") == {"n2": 41}
+        assert replica.peer_boots == {"n2": 41}
         third = _consensus(tmp_path, replica, key=key)
         assert third._opener is not None and third._opener.boots == {"n2": 41}
         with pytest.raises(SealError):

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from node.consensus.replica import Replica
-from node.worker.worker import WorkerState
+from node.worker.worker import ENDED, EndedCopy, WorkerState
+from shared import protocol as P
 from shared.models import CopyState, Job, JobCopy, JobSet, Member, Stamp, StoredObject, job_key, member_key
 from tests.memfarm import MemFarm, gcode
 
@@ -26,8 +27,9 @@ def _seed_replica(node_dir: Path, copy: JobCopy, job_stamp: Stamp, applied: Stam
     job = Job(id="j1", namespace="default", name="j1", count=1, copies=[copy],
               sets=[JobSet(file="j1.gcode", sha256=sha, holders=["n1", "n2"])])
     objects = [*members, StoredObject(key=job_key("default", "j1"), stamp=job_stamp, value=job.model_dump(mode="json"))]
-    replica.apply(applied, objects, snapshot=True)
-    replica.set_meta(farm=FARM, term=applied[0], base=[4, 1])
+    replica.apply(applied, objects, snapshot=True, base=(4, 1))
+    replica.set_farm(FARM)
+    replica.set_term(applied[0])
     replica.close()
 
 
@@ -75,8 +77,8 @@ async def test_a_copy_brought_back_by_a_merge_is_reported_again_never_printed_tw
         _seed_replica(tmp_path / n, started, (4, 9), (4, 9), sha)
     replica = Replica(tmp_path / "n1" / "replica.db")
     reason = "the node restarted during this print and its outcome is unknown"
-    replica.set_meta(ended=[{"key": job_key("default", "j1"), "copy": 0, "grant": [4, 8], "outcome": "failed",
-                             "reason": reason}])
+    replica.write(ENDED.of((EndedCopy(key=job_key("default", "j1"), copy_index=0, grant=(4, 8),
+                                      outcome=P.Outcome.FAILED, reason=reason),)))
     replica.close()
     try:
         await farm.start()

@@ -6,6 +6,8 @@ The rows that record bugs (found by the LAN chaos tests) are run end to end in t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,7 +27,7 @@ from node.worker.recovery import (
     decide,
     record_of,
 )
-from node.worker.worker import parse_print_name, print_name
+from node.worker.worker import LOCAL_COPY, parse_print_name, print_name
 from shared import protocol as P
 
 IDLE = (PrinterState.READY, PrinterState.ERROR, PrinterState.OFFLINE)
@@ -114,23 +116,36 @@ KEY, GRANT = "job/default/j1", (4, 8)
 SAVED = {"key": KEY, "copy": 0, "grant": [4, 8], "set": 1, "run": 2, "phase": "ready", "reason": None}
 
 
+def stored(local: dict[str, object] | None) -> recovery.LocalCopy | None:
+    """``local`` as the worker's slot reads it from the replica (the JSON shape on disk)."""
+    return LOCAL_COPY.parse(json.dumps(local))
+
+
 def test_the_record_of_this_copy_under_this_grant_is_read() -> None:
-    assert record_of(SAVED, KEY, 0, GRANT) == Record(1, 2, "ready", None)
+    assert record_of(stored(SAVED), KEY, 0, GRANT) == Record(1, 2, "ready", None)
     failed = {**SAVED, "phase": "failed", "reason": "r"}
-    assert record_of(failed, KEY, 0, GRANT) == Record(1, 2, "failed", "r")
+    assert record_of(stored(failed), KEY, 0, GRANT) == Record(1, 2, "failed", "r")
 
 
 @pytest.mark.parametrize("local", [
-    None, {}, {**SAVED, "key": "job/default/j2"}, {**SAVED, "copy": 1}, {**SAVED, "grant": [4, 9]},
-], ids=["none", "empty", "another job", "another copy", "another grant"])
+    None, {**SAVED, "key": "job/default/j2"}, {**SAVED, "copy": 1}, {**SAVED, "grant": [4, 9]},
+], ids=["none", "another job", "another copy", "another grant"])
 def test_a_record_of_anything_else_is_no_record(local: dict[str, object] | None) -> None:
-    assert record_of(local, KEY, 0, GRANT) is None
+    assert record_of(stored(local), KEY, 0, GRANT) is None
 
 
 def test_a_record_without_grant_is_this_grants_and_one_without_phase_is_printing() -> None:
-    local = {k: v for k, v in SAVED.items() if k not in ("grant", "phase")}
-    assert record_of(local, KEY, 0, GRANT) == Record(1, 2, "printing", None)
-    assert decide(at(record=record_of(local, KEY, 0, GRANT))) == UNKNOWN
+    local = {k: v for k, v in SAVED.items() if k not in ("grant", "phase")}  # as the first versions wrote it
+    assert record_of(stored(local), KEY, 0, GRANT) == Record(1, 2, "printing", None)
+    assert decide(at(record=record_of(stored(local), KEY, 0, GRANT))) == UNKNOWN
+
+
+def test_a_record_that_cannot_be_read_may_be_this_copys_and_is_never_taken_for_none() -> None:
+    """No record says the printer was never called (row 4: print from the start); a record that cannot be read
+    says nothing of the kind, so the copy is reported as of unknown outcome, or followed if it prints."""
+    unreadable = record_of(recovery.Unreadable(), KEY, 0, GRANT)
+    assert decide(at(record=unreadable)) == UNKNOWN
+    assert decide(at(PrinterState.PRINTING, record=unreadable, prints=(1, 0))) == Follow(1, 0)
 
 
 # --- properties ---------------------------------------------------------------------------------------------
@@ -219,11 +234,12 @@ def test_a_run_that_may_have_run_is_never_printed_again(s: Situation) -> None:
 
 
 def test_the_module_is_pure() -> None:
-    """No asyncio, no I/O, no clock: the decision imports nothing that could do any."""
+    """No asyncio, no I/O, no clock: the decision imports nothing that could do any (pydantic: the local copy
+    record's model, which only validates)."""
     import ast
     import inspect
 
     tree = ast.parse(inspect.getsource(recovery))
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported <= {"__future__", "collections", "dataclasses", "typing", "node", "shared"}
+    assert imported <= {"__future__", "collections", "dataclasses", "typing", "pydantic", "node", "shared"}
