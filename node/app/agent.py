@@ -161,8 +161,8 @@ class NodeAgent:
                 log.warning("%s: printer not connected yet: %s", self.node_id, exc)
         if self.worker is not None:
             await self.worker.start()
-        self.node_api, self.homeassistant = NodeCommands(self), HomeAssistantPublisher(self)
-        await self.node_api.start()
+        self.node_commands, self.homeassistant = NodeCommands(self), HomeAssistantPublisher(self)
+        await self.node_commands.start()
         await self.homeassistant.start()
         await self.link.start()
         self._tasks.append(asyncio.create_task(self._refresh(), name=f"state-{self.node_id}"))
@@ -177,7 +177,7 @@ class NodeAgent:
         self.lifecycle = Lifecycle.STOPPING
         await cancel_and_wait(list(self._tasks))
         await self.homeassistant.stop()
-        await self.node_api.stop()
+        await self.node_commands.stop()
         if self.worker is not None:
             await self.worker.stop()
         await self.arbiter.stop()
