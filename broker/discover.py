@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
@@ -18,13 +18,14 @@ from shared.errors import BrokerError, ProtocolError
 log = logging.getLogger(__name__)
 
 
-async def discover_broker(interfaces: Sequence[str] | None, timeout: float = 4.0,
-                          farm: str | None = None) -> Address:
-    """The address of a reachable broker advertised by a node; BrokerError if none is found in ``timeout``."""
+@contextlib.asynccontextmanager
+async def browse_adverts(interfaces: Sequence[str] | None,
+                         on_advert: Callable[[AsyncServiceInfo, Advert], None]) -> AsyncIterator[None]:
+    """While the block runs, browse the nodes' zeroconf adverts on ``interfaces`` (all when None) and call
+    ``on_advert`` with each one that resolves and parses (a malformed advert is skipped); everything it
+    started is stopped on the way out."""
     zc = AsyncZeroconf(interfaces=list(interfaces) if interfaces else None,  # type: ignore[arg-type]
                        ip_version=IPVersion.V4Only)
-    adverts: dict[str, Advert] = {}
-    found = asyncio.Event()
     tasks: set[asyncio.Task[None]] = set()
 
     async def lookup(zeroconf: Zeroconf, name: str) -> None:
@@ -35,9 +36,7 @@ async def discover_broker(interfaces: Sequence[str] | None, timeout: float = 4.0
             advert = advert_from_properties(info.decoded_properties)
         except ProtocolError:
             return
-        if advert.broker is not None and (farm is None or advert.farm == farm):
-            adverts[advert.node_id] = advert
-            found.set()
+        on_advert(info, advert)
 
     def on_service(zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
         if state_change is not ServiceStateChange.Removed:
@@ -46,9 +45,30 @@ async def discover_broker(interfaces: Sequence[str] | None, timeout: float = 4.0
             task.add_done_callback(tasks.discard)
 
     browser = AsyncServiceBrowser(zc.zeroconf, [SERVICE_TYPE], handlers=[on_service])
+    try:
+        yield
+    finally:
+        await browser.async_cancel()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await zc.async_close()
+
+
+async def discover_broker(interfaces: Sequence[str] | None, timeout: float = 4.0,
+                          farm: str | None = None) -> Address:
+    """The address of a reachable broker advertised by a node; BrokerError if none is found in ``timeout``."""
+    adverts: dict[str, Advert] = {}
+    found = asyncio.Event()
+
+    def on_advert(_info: AsyncServiceInfo, advert: Advert) -> None:
+        if advert.broker is not None and (farm is None or advert.farm == farm):
+            adverts[advert.node_id] = advert
+            found.set()
+
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    try:
+    async with browse_adverts(interfaces, on_advert):
         while loop.time() < deadline:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.05, deadline - loop.time())):
@@ -59,11 +79,5 @@ async def discover_broker(interfaces: Sequence[str] | None, timeout: float = 4.0
                 assert advert.broker is not None
                 if await tcp_reachable(advert.broker, 1.0):
                     return advert.broker
-    finally:
-        await browser.async_cancel()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await zc.async_close()
     raise BrokerError(f"no reachable netqueues broker found on the network within {timeout:g}s "
                       "(is a node running? give --broker mqtt://HOST:PORT to name one)")

@@ -25,10 +25,11 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from zeroconf import IPVersion, ServiceStateChange, Zeroconf
-from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+from zeroconf import IPVersion
+from zeroconf.asyncio import AsyncServiceInfo
 
-from broker.advert import SERVICE_TYPE, advert_from_properties
+from broker.choice import Advert
+from broker.discover import browse_adverts
 from node.app.config import write_private
 from shared import pairing as P
 from shared import security
@@ -338,21 +339,11 @@ async def discover_members(interfaces: Sequence[str] | None, timeout: float = 3.
                            grace: float = 0.5) -> list[str]:
     """``http://host:port`` of every node on the network that serves pairing (its zeroconf record's SRV port;
     nodes of open farms have nothing to share). Stops ``grace`` seconds after the first is found."""
-    zc = AsyncZeroconf(interfaces=list(interfaces) if interfaces else None,  # type: ignore[arg-type]
-                       ip_version=IPVersion.V4Only)
     found: list[str] = []
     first = asyncio.Event()
-    tasks: set[asyncio.Task[None]] = set()
 
-    async def lookup(zeroconf: Zeroconf, name: str) -> None:
-        info = AsyncServiceInfo(SERVICE_TYPE, name)
-        if not await info.async_request(zeroconf, 1000) or not info.port:
-            return
-        try:
-            advert = advert_from_properties(info.decoded_properties)
-        except ProtocolError:
-            return
-        if advert.farm == "open":
+    def on_advert(info: AsyncServiceInfo, advert: Advert) -> None:
+        if not info.port or advert.farm == "open":
             return
         for address in info.parsed_addresses(IPVersion.V4Only):
             url = f"http://{address}:{info.port}"
@@ -360,23 +351,10 @@ async def discover_members(interfaces: Sequence[str] | None, timeout: float = 3.
                 found.append(url)
                 first.set()
 
-    def on_service(zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
-        if state_change is not ServiceStateChange.Removed:
-            task = asyncio.get_running_loop().create_task(lookup(zeroconf, name))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-    browser = AsyncServiceBrowser(zc.zeroconf, [SERVICE_TYPE], handlers=[on_service])
-    try:
+    async with browse_adverts(interfaces, on_advert):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await first.wait()
         if found:
             await asyncio.sleep(grace)  # let the other members' answers in: a deadline, not synchronisation
-    finally:
-        await browser.async_cancel()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await zc.async_close()
     return found
